@@ -1,0 +1,132 @@
+"""The LightningModule: an :class:`EmbeddingModel` trained with a margin loss over class weights."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.classification import MulticlassAccuracy
+
+from sg_train.finetune import load_finetune_weights
+from sg_train.losses import build_loss
+from sg_train.metrics import GlobalAveragePrecision
+from sg_train.model import EmbeddingModel
+from sg_train.optim import apply_lr_multipliers, parameter_groups, resolve_warmup_steps, warmup_cosine_schedule
+
+
+class LandmarkRetrievalModule(pl.LightningModule):
+    """Backbone → pooling head → embedding, trained with a margin-based classification loss.
+
+    Args:
+        num_classes: training classes (linked from the datamodule by ``train.py``).
+        backbone, head, embedding_dim, pretrained_weights, relu_plus: see :class:`EmbeddingModel`.
+        model_options: further :class:`EmbeddingModel` keyword arguments (GeM p, R-GeM kernel,
+            extraction scales, input format, ...).
+        loss: margin-loss name (``arcface``, ``cosface``, ``curricularface``, ``subcenter_arcface``,
+            ``dynamic_arcface``, ``madacos``); ``loss_options`` its keyword arguments.
+        class_counts: training images per class (linked from the datamodule; used by per-class
+            dynamic margins, not stored in the hyper-parameters).
+        optimizer: optimizer factory, called with the parameter groups.
+        backbone_lr_mult: the backbone's learning rate relative to the head's and the loss's.
+        warmup: linear warm-up length, in optimizer steps (>= 1) or as a fraction of the run (< 1).
+        min_lr_ratio: the cosine schedule's final learning rate relative to the peak.
+        init_from: an sg-train checkpoint to start from (fine-tuning): the whole embedding model must
+            fit; class weights are kept only where they fit the new class set (see
+            :func:`sg_train.finetune.load_finetune_weights`).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        head: str = "gem",
+        embedding_dim: int = 2048,
+        pretrained_weights: str | None = None,
+        relu_plus: bool = False,
+        model_options: dict[str, Any] | None = None,
+        loss: str = "arcface",
+        loss_options: dict[str, Any] | None = None,
+        class_counts: list[int] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        backbone_lr_mult: float = 1.0,
+        warmup: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["class_counts", "optimizer"])
+        self.model = EmbeddingModel(
+            backbone=backbone,
+            head=head,
+            embedding_dim=embedding_dim,
+            pretrained_weights=pretrained_weights,
+            relu_plus=relu_plus,
+            **(model_options or {}),
+        )
+        counts = torch.as_tensor(class_counts) if class_counts is not None else None
+        self.loss_fn = build_loss(
+            loss, embedding_dim=embedding_dim, num_classes=num_classes, class_counts=counts, **(loss_options or {})
+        )
+        self.optimizer_factory = optimizer
+        self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_gap = GlobalAveragePrecision()
+        self.finetune_report: dict[str, list[str]] | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised descriptors, shape (B, embedding_dim)."""
+        return self.model(images)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from and self.finetune_report is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            landmark_ids = getattr(datamodule, "landmark_ids", None)
+            self.finetune_report = load_finetune_weights(self, self.hparams.init_from, landmark_ids)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        if images.shape[0] == 0:
+            # Every image of this batch was unreadable (they are reported by SkippedImagesReport).
+            # A zero loss that touches every parameter keeps DDP's gradient all-reduce in step.
+            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        output = self.loss_fn(self.model(images), labels)
+        self.train_accuracy(output.cosine.argmax(dim=1), labels)
+        batch_size = labels.shape[0]
+        self.log("train/loss", output.loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/acc", self.train_accuracy, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        for group in self.optimizers().param_groups:
+            if not group["name"].endswith("_no_decay"):
+                self.log(f"train/lr_{group['name']}", group["lr"], batch_size=batch_size)
+        for name, value in self.loss_fn.live_stats().items():
+            self.log(f"train/loss_{name}", value, batch_size=batch_size)
+        return output.loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images, labels = batch["image"], batch["label"]
+        if images.shape[0] == 0:
+            return
+        confidence, predicted = self.loss_fn.cosine(self.model(images)).max(dim=1)
+        self.val_accuracy(predicted, labels)
+        self.val_gap.update(predicted, confidence, labels)
+        self.log("val/acc", self.val_accuracy, prog_bar=True, batch_size=labels.shape[0])
+        self.log("val/GAP", self.val_gap, prog_bar=True, batch_size=labels.shape[0])
+
+    def _head_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Everything of the embedding model outside the backbone: pooling (GeM p) and the FC."""
+        return [(n, p) for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = parameter_groups(
+            {
+                "backbone": (self.model.backbone.named_parameters(), self.hparams.backbone_lr_mult),
+                "head": (self._head_named_parameters(), 1.0),
+                "class_weights": (self.loss_fn.named_parameters(), 1.0),
+            }
+        )
+        optimizer = self.optimizer_factory(groups)
+        apply_lr_multipliers(optimizer)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        warmup_steps = resolve_warmup_steps(self.hparams.warmup, total_steps)
+        scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps, self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
