@@ -1,0 +1,35 @@
+"""LightningDataModules, datasets and image pipelines."""
+
+from .collate import SkipFailedCollate, collate_skip_failed
+from .gldv2 import ClassMappingError, GLDv2DataModule
+from .gldv2_index import (
+    GLDv2CSVError,
+    GLDv2Split,
+    SplitFileError,
+    build_gldv2_split,
+    gldv2_image_path,
+    read_gldv2_csv,
+)
+from .image_dataset import ImageDataset, worker_init_fn
+from .image_io import ImageReadError, read_image
+from .transforms import build_eval_transform, build_train_transform, resolve_normalization
+
+__all__ = [
+    "ClassMappingError",
+    "GLDv2CSVError",
+    "GLDv2DataModule",
+    "GLDv2Split",
+    "ImageDataset",
+    "ImageReadError",
+    "SkipFailedCollate",
+    "SplitFileError",
+    "build_eval_transform",
+    "build_gldv2_split",
+    "build_train_transform",
+    "collate_skip_failed",
+    "gldv2_image_path",
+    "read_gldv2_csv",
+    "read_image",
+    "resolve_normalization",
+    "worker_init_fn",
+]

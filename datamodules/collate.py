@@ -1,0 +1,53 @@
+"""Collate that drops samples whose image failed to load and lists them.
+
+Input: samples from :class:`~datamodules.image_dataset.ImageDataset`. Output::
+
+    {"image": float tensor (B, 3, H, W), "label": long (B,), "index": long (B,),
+     "failed": [(path, reason), ...]}   # samples skipped in this batch
+
+If every sample failed, ``B == 0``: ``image`` has shape ``(0, *image_shape)`` (or
+``(0, 3, 0, 0)`` when no shape was given) and the batch is still returned, never raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+__all__ = ["SkipFailedCollate", "collate_skip_failed"]
+
+
+def collate_skip_failed(
+    samples: Sequence[dict[str, Any]], image_shape: Sequence[int] | None = None
+) -> dict[str, Any]:
+    ok = [s for s in samples if s.get("image") is not None]
+    failed = [tuple(s["failed"]) for s in samples if s.get("image") is None and s.get("failed") is not None]
+    failed += [(f"<index {s.get('index')}>", "no image") for s in samples if s.get("image") is None and s.get("failed") is None]
+    if ok:
+        # default_collate stacks into shared memory inside DataLoader workers (no extra copy)
+        images = default_collate([s["image"] for s in ok])
+    else:
+        shape = tuple(image_shape) if image_shape is not None else (3, 0, 0)
+        images = torch.empty((0, *shape), dtype=torch.float32)
+    return {
+        "image": images,
+        "label": torch.tensor([int(s["label"]) for s in ok], dtype=torch.long),
+        "index": torch.tensor([int(s["index"]) for s in ok], dtype=torch.long),
+        "failed": failed,
+    }
+
+
+class SkipFailedCollate:
+    """Picklable ``collate_fn`` (workers may be spawned); ``image_shape`` = ``(C, H, W)`` of an empty batch."""
+
+    def __init__(self, image_shape: Sequence[int] | None = None):
+        self.image_shape = tuple(int(x) for x in image_shape) if image_shape is not None else None
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return collate_skip_failed(samples, self.image_shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_shape={self.image_shape})"

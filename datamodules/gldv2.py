@@ -1,0 +1,312 @@
+"""Google Landmarks v2 LightningDataModule.
+
+``num_classes``, ``class_counts`` and ``landmark_ids`` are computed from the CSV on first
+access (LightningCLI links ``data.num_classes`` to the model at instantiation). The
+contiguous relabelling travels in Lightning checkpoints through ``state_dict`` /
+``load_state_dict`` and is checked against the data on resume.
+
+Batches are dicts (see :mod:`datamodules.collate`)::
+
+    {"image": float (B, 3, H, W), "label": long (B,), "index": long (B,), "failed": [(path, reason), ...]}
+
+Samples whose file is missing/unreadable/corrupt/truncated are dropped from the batch and
+listed in ``"failed"`` (``B`` may be 0: a fully failed batch is returned, not raised).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from .collate import SkipFailedCollate
+from .gldv2_index import GLDv2Split, build_gldv2_split, default_split_path, gldv2_image_path
+from .image_dataset import ImageDataset, worker_init_fn
+from .transforms import build_eval_transform, build_train_transform, resolve_normalization
+
+__all__ = ["ClassMappingError", "GLDv2DataModule"]
+
+STATE_VERSION = 1
+
+
+class ClassMappingError(ValueError):
+    """A checkpoint whose class mapping does not match the current data."""
+
+
+class GLDv2DataModule(LightningDataModule):
+    """GLDv2 (``train.csv`` or ``train_clean.csv``) with a held-out stratified validation split.
+
+    Args:
+        data_root: dataset folder (holds the CSV, ``train/`` and ``splits/``).
+        csv: CSV file name under ``data_root``, or an absolute path.
+        image_dir: image folder (default ``<data_root>/train``).
+        min_images_per_class: landmarks with fewer images (in the CSV) are dropped.
+        val_fraction: stratified validation fraction per class (0 disables validation).
+        split_file: JSON split file; default ``<data_root>/splits/<csv>_min<m>_val<f>_seed<s>.json``.
+            Written once (atomically), then reused; refused if it does not fit the CSV.
+        seed: split seed.
+        image_size: training crop size.
+        eval_image_size: validation images are resized to this longest side and padded to a
+            square (default ``image_size``).
+        batch_size / eval_batch_size: per-process batch sizes (eval default: ``batch_size``).
+        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings
+            (pinning only where CUDA is present, persistence only with workers).
+        mean, std, input_format: normalisation in the model's channel order ("rgb"/"bgr");
+            ``None`` = ImageNet's statistics in that order.
+        scale, ratio: RandomResizedCrop area fraction and aspect range.
+        hflip_p: horizontal flip probability.
+        color_jitter, color_jitter_hue, color_jitter_p: brightness/contrast/saturation strength,
+            hue range and probability of the colour jitter.
+        jpeg_quality, jpeg_p: JPEG re-compression quality range and probability.
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        csv: str = "train_clean.csv",
+        image_dir: str | None = None,
+        min_images_per_class: int = 2,
+        val_fraction: float = 0.05,
+        split_file: str | None = None,
+        seed: int = 0,
+        image_size: int = 512,
+        eval_image_size: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        input_format: Literal["rgb", "bgr"] = "rgb",
+        scale: tuple[float, float] = (0.25, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip_p: float = 0.5,
+        color_jitter: float = 0.3,
+        color_jitter_hue: float = 0.0,
+        color_jitter_p: float = 0.5,
+        jpeg_quality: tuple[int, int] = (50, 100),
+        jpeg_p: float = 0.25,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if min_images_per_class < 1:
+            raise ValueError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        for name, v in (("image_size", image_size), ("batch_size", batch_size)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.mean, self.std = resolve_normalization(mean, std, input_format)  # validates early
+        self.input_format = input_format
+
+        self.data_root = os.fspath(data_root)
+        self.csv = csv
+        self.csv_path = csv if os.path.isabs(csv) else os.path.join(self.data_root, csv)
+        self.image_dir = os.fspath(image_dir) if image_dir is not None else os.path.join(self.data_root, "train")
+        self.min_images_per_class = int(min_images_per_class)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        if self.val_fraction == 0:
+            self.split_file = None
+        elif split_file is not None:
+            self.split_file = os.fspath(split_file)
+        else:
+            self.split_file = default_split_path(
+                self.data_root, csv, self.min_images_per_class, self.val_fraction, self.seed
+            )
+        self.image_size = int(image_size)
+        self.eval_image_size = int(eval_image_size) if eval_image_size is not None else self.image_size
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.prefetch_factor = prefetch_factor
+        self.aug = dict(
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            hflip_p=hflip_p,
+            color_jitter=color_jitter,
+            color_jitter_hue=color_jitter_hue,
+            color_jitter_p=color_jitter_p,
+            jpeg_quality=tuple(jpeg_quality),
+            jpeg_p=jpeg_p,
+        )
+        self.build_train_transform()  # validate augmentation arguments now, not in a worker
+
+        self._split: GLDv2Split | None = None
+        self.train_dataset: ImageDataset | None = None
+        self.val_dataset: ImageDataset | None = None
+
+    # ------------------------------------------------------------------ index (lazy)
+
+    @property
+    def split(self) -> GLDv2Split:
+        """The relabelled, split index (read from the CSV on first access)."""
+        if self._split is None:
+            self._split = build_gldv2_split(
+                self.csv_path,
+                min_images_per_class=self.min_images_per_class,
+                val_fraction=self.val_fraction,
+                seed=self.seed,
+                split_file=self.split_file,
+            )
+        return self._split
+
+    @property
+    def num_classes(self) -> int:
+        return self.split.num_classes
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """Training images per contiguous label, ``long`` ``(num_classes,)``."""
+        return torch.from_numpy(self.split.class_counts.copy())
+
+    @property
+    def landmark_ids(self) -> list[int]:
+        """Original GLDv2 landmark id of each contiguous label."""
+        return [int(x) for x in self.split.landmark_ids]
+
+    # ------------------------------------------------------------------ transforms
+
+    def build_train_transform(self):
+        return build_train_transform(
+            self.image_size, mean=self.mean, std=self.std, input_format=self.input_format, **self.aug
+        )
+
+    def build_eval_transform(self):
+        return build_eval_transform(
+            self.eval_image_size, pad_to_square=True, mean=self.mean, std=self.std, input_format=self.input_format
+        )
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: str | None = None) -> None:
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(f"GLDv2 image folder not found: {self.image_dir} (set image_dir)")
+        split = self.split
+        if self.train_dataset is None and stage in (None, "fit"):
+            self.train_dataset = ImageDataset(
+                split.train_ids, split.train_labels, self.image_dir, self.build_train_transform(), gldv2_image_path
+            )
+        if self.val_dataset is None and stage in (None, "fit", "validate") and len(split.val_ids):
+            self.val_dataset = ImageDataset(
+                split.val_ids, split.val_labels, self.image_dir, self.build_eval_transform(), gldv2_image_path
+            )
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def _loader(self, dataset: ImageDataset, batch_size: int, train: bool, size: int) -> DataLoader:
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = int(self.prefetch_factor)
+        else:  # one process: seed the pipeline from torch's RNG (seed_everything governs it)
+            dataset.reseed(int(torch.randint(0, 2**31 - 1, ()).item()) + 7919 * self._rank())
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            collate_fn=SkipFailedCollate((3, size, size)),
+            worker_init_fn=functools.partial(worker_init_fn, rank=self._rank()),
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self._loader(self.train_dataset, self.batch_size, True, self.image_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:  # val_fraction == 0 (or nothing to hold out)
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size, False, self.eval_image_size)
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        split = self.split
+        return {
+            "version": STATE_VERSION,
+            "csv": os.path.basename(self.csv_path),
+            "split_file": split.split_file,
+            "num_classes": split.num_classes,
+            "landmark_ids": [int(x) for x in split.landmark_ids],
+            "min_images_per_class": self.min_images_per_class,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+        }
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raise :class:`ClassMappingError` if a Lightning checkpoint's class mapping does not fit the data.
+
+        Lightning restores the model *before* the datamodule, so a checkpoint with another class
+        count fails first in the model's ``load_state_dict`` with a bare size mismatch. Call this
+        from ``LightningModule.on_load_checkpoint`` (it runs before the weights are loaded) to get
+        the data-level error instead::
+
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            if hasattr(dm, "check_checkpoint"):
+                dm.check_checkpoint(checkpoint)
+
+        Checkpoints without this datamodule's state are accepted (nothing to compare).
+        """
+        state = checkpoint.get(type(self).__qualname__)
+        if state is not None:
+            self._check_mapping(state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_mapping(state_dict)
+        saved_split = state_dict.get("split_file")
+        if saved_split != self.split.split_file:
+            rank_zero_warn(
+                f"resuming with split file {self.split.split_file!r}, the checkpoint used {saved_split!r}: "
+                "validation images may differ from (or overlap) the ones trained on before"
+            )
+
+    def _check_mapping(self, state_dict: dict[str, Any]) -> None:
+        if "landmark_ids" not in state_dict:
+            raise ClassMappingError(
+                f"checkpoint's datamodule state has no 'landmark_ids' (keys: {sorted(state_dict)}); "
+                "it was not saved by GLDv2DataModule"
+            )
+        saved = np.asarray(state_dict["landmark_ids"], dtype=np.int64)
+        current = self.split.landmark_ids
+        if len(saved) != len(current) or not np.array_equal(saved, current):
+            where = ""
+            n = min(len(saved), len(current))
+            diff = np.flatnonzero(saved[:n] != current[:n])
+            if len(diff):
+                i = int(diff[0])
+                where = f"; first difference at label {i}: checkpoint landmark {saved[i]}, data landmark {current[i]}"
+            raise ClassMappingError(
+                f"the checkpoint's class mapping does not match the data: checkpoint has {len(saved)} classes "
+                f"(csv {state_dict.get('csv')!r}, min_images_per_class={state_dict.get('min_images_per_class')}), "
+                f"the data has {len(current)} (csv {os.path.basename(self.csv_path)!r}, "
+                f"min_images_per_class={self.min_images_per_class}){where}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(csv={self.csv_path!r}, image_dir={self.image_dir!r}, "
+            f"min_images_per_class={self.min_images_per_class}, val_fraction={self.val_fraction}, seed={self.seed})"
+        )
+

@@ -1,0 +1,128 @@
+"""A map-style dataset over ``(name, label)`` rows that never raises for a bad image file.
+
+A sample is a dict ``{"image", "label", "index", "failed"}``. When the file cannot be read
+(:class:`~datamodules.image_io.ImageReadError`), ``image`` is ``None`` and ``failed`` is
+``(path, reason)``; :class:`~datamodules.collate.SkipFailedCollate` drops such samples and
+lists them in the batch's ``"failed"``. Errors raised by the transform are *not* swallowed
+(they are bugs, not bad files); they are re-raised naming the file.
+
+Names and labels are kept as compact numpy arrays (fixed-width bytes, ``int64``), not
+Python lists, so forked DataLoader workers do not copy millions of objects.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from .image_io import ImageReadError, read_image
+
+__all__ = ["ImageDataset", "compact_strings", "worker_init_fn"]
+
+
+def compact_strings(values: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Strings as a fixed-width ``S`` array (ASCII) or ``U`` array (anything else)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "S":
+        return arr
+    try:
+        return arr.astype(str).astype(np.bytes_)
+    except UnicodeEncodeError:
+        return arr.astype(str)
+
+
+def join_path(root: str, name: str) -> str:
+    """Default ``path_fn``: ``os.path.join(root, name)``."""
+    return os.path.join(root, name)
+
+
+class ImageDataset(Dataset):
+    """Images at ``path_fn(root, names[i])`` with integer ``labels[i]``.
+
+    Args:
+        names: file names/ids, one per sample.
+        labels: integer label per sample (``-1`` where there is none).
+        root: folder the names are relative to.
+        transform: albumentations-style callable, ``transform(image=rgb_uint8)["image"]``;
+            ``None`` returns the RGB image as a ``uint8`` ``(3, H, W)`` tensor.
+        path_fn: ``path_fn(root, name) -> path``; a module-level function (picklable).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str] | np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        root: str | os.PathLike = "",
+        transform: Callable[..., dict[str, Any]] | None = None,
+        path_fn: Callable[[str, str], str] = join_path,
+    ):
+        self.names = compact_strings(names)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if self.names.ndim != 1 or self.labels.shape != self.names.shape:
+            raise ValueError(f"names and labels must be 1-D of equal length, got {self.names.shape} and {self.labels.shape}")
+        self.root = os.fspath(root)
+        self.transform = transform
+        self.path_fn = path_fn
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def name(self, index: int) -> str:
+        n = self.names[index]
+        return n.decode() if isinstance(n, bytes) else str(n)
+
+    def path(self, index: int) -> str:
+        return self.path_fn(self.root, self.name(index))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        path = self.path(index)
+        sample: dict[str, Any] = {"image": None, "label": int(self.labels[index]), "index": index, "failed": None}
+        try:
+            img = read_image(path)
+        except ImageReadError as e:
+            sample["failed"] = (e.path, e.reason)
+            return sample
+        if self.transform is None:
+            sample["image"] = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+            return sample
+        try:
+            sample["image"] = self.transform(image=img)["image"]
+        except Exception as e:
+            raise RuntimeError(f"transform failed on image {path!r} (shape {img.shape}): {type(e).__name__}: {e}") from e
+        return sample
+
+    def reseed(self, seed: int) -> None:
+        """Re-seed the transform's own RNG (albumentations 2.x keeps one per pipeline)."""
+        set_seed = getattr(self.transform, "set_random_seed", None)
+        if callable(set_seed):
+            set_seed(int(seed))
+
+
+def worker_init_fn(worker_id: int, rank: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: distinct augmentations per worker, rank and epoch.
+
+    albumentations 2.x pipelines carry their own RNG, which forked workers would otherwise
+    inherit identically (same crops in every worker, and every epoch when workers are not
+    persistent). ``torch.initial_seed()`` in a worker already differs per worker and epoch;
+    ``rank`` (bind it with ``functools.partial``) separates DDP ranks. Also turns off
+    OpenCV's own thread pool inside workers (the workers are the parallelism).
+    """
+    import cv2
+
+    cv2.setNumThreads(0)
+    info = get_worker_info()
+    if info is None:
+        return
+    seed = int(np.random.SeedSequence([torch.initial_seed() % (1 << 63), int(rank), worker_id]).generate_state(1)[0])
+    ds = info.dataset
+    while ds is not None:  # unwrap Subset-like wrappers
+        if hasattr(ds, "reseed"):
+            ds.reseed(seed)
+            break
+        ds = getattr(ds, "dataset", None)

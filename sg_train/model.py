@@ -1,0 +1,193 @@
+"""EmbeddingModel: timm backbone -> pooling head -> L2 -> FC -> L2, plus multi-scale extraction.
+
+Descriptor path (SuperGlobal's published evaluation, DESIGN.md section 3)::
+
+    images -> backbone.forward_features -> [R-GeM] -> GeM | GeM+ | avg | max -> L2
+           -> FC (Linear with bias) -> L2                                     = forward()
+    extract(): per scale s, resize to (int(h*s), int(w*s)) (bilinear, antialias; s = 1 is not
+           resized), FC output per scale -> Scale-GeM (or mean) over scales -> L2
+
+Inputs are image tensors already normalised the way the model expects, described by the
+``input_format`` ("rgb"/"bgr": channel order), ``mean`` and ``std`` attributes (in that
+channel order, applied to pixels scaled to [0, 1]) and :attr:`EmbeddingModel.preprocessing`.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Literal, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import create_backbone, load_backbone_weights
+from .pooling.gem import GeM
+from .pooling.head import PoolingHead
+from .relu_plus import RELU_PLUS_ALPHA, apply_relu_plus
+
+__all__ = ["EmbeddingModel", "resize_for_scale"]
+
+INPUT_FORMATS = ("rgb", "bgr")
+
+
+def resize_for_scale(images: Tensor, scale: float) -> Tensor:
+    """Resize an NCHW batch to ``(int(h*s), int(w*s))``, bilinear with antialias; s = 1: unchanged.
+
+    A side that would round to 0 is kept at 1 pixel.
+    """
+    if scale <= 0:
+        raise ValueError(f"scales must be > 0, got {scale}")
+    if scale == 1.0:
+        return images
+    h, w = images.shape[-2:]
+    size = (max(1, int(h * scale)), max(1, int(w * scale)))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class EmbeddingModel(nn.Module):
+    """Global-descriptor model for retrieval training and extraction.
+
+    Args:
+        backbone: any timm model name whose ``forward_features`` gives an NCHW map.
+        head: pooling head spec, "+"-joined: ``[rgem+](gem|gemp|avg|max)[+sgem]``
+            (see :mod:`sg_train.pooling.head`), e.g. "gem", "rgem+gemp+sgem".
+        embedding_dim: output size of the FC layer (the descriptor size).
+        pretrained_weights: local weights file for the backbone (timm key layout), checked
+            strictly (see :func:`sg_train.backbone.load_backbone_weights`); None: random init.
+            Never downloads.
+        relu_plus: replace ReLUs of a timm ResNet by ReLU+ (SuperGlobal placement; error for
+            other backbones).
+        relu_plus_alpha: the ReLU+ floor (0.014).
+        gem_p: initial p of the learnable GeM ("gem").
+        gemp_p: fixed p of GeM+ ("gemp").
+        rgem_p, rgem_kernel: p and window of Regional-GeM ("rgem").
+        scales: default scales of :meth:`extract`.
+        sgem: "max" (max over L2-normalised per-scale descriptors) or "finite"; used when
+            the head spec has "sgem". Without "sgem", scales are averaged.
+        sgem_p: p of the finite Scale-GeM.
+        input_format: channel order the model expects, "rgb" or "bgr".
+        mean, std: per-channel normalisation, in ``input_format`` order, of pixels in [0, 1].
+            Default: the timm model's ``pretrained_cfg`` mean/std (RGB; reversed for "bgr").
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        head: str = "gem",
+        embedding_dim: int = 2048,
+        *,
+        pretrained_weights: str | None = None,
+        relu_plus: bool = False,
+        relu_plus_alpha: float = RELU_PLUS_ALPHA,
+        gem_p: float = 3.0,
+        gemp_p: float = 4.6,
+        rgem_p: float = 2.5,
+        rgem_kernel: int = 5,
+        scales: Sequence[float] = (1.0,),
+        sgem: Literal["max", "finite"] = "max",
+        sgem_p: float = 10.0,
+        input_format: Literal["rgb", "bgr"] = "rgb",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        if int(embedding_dim) < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        self.scales = self._check_scales(scales)
+        # Head first: a bad spec fails before the (slower) backbone is built.
+        self.head = PoolingHead(
+            head, gem_p=gem_p, gemp_p=gemp_p, rgem_p=rgem_p, rgem_kernel=rgem_kernel, sgem=sgem, sgem_p=sgem_p
+        )
+        self.backbone_name = backbone
+        self.backbone = create_backbone(backbone)
+        if pretrained_weights is not None:
+            load_backbone_weights(self.backbone, pretrained_weights, name=backbone)
+        self.relu_plus = bool(relu_plus)
+        if self.relu_plus:
+            apply_relu_plus(self.backbone, relu_plus_alpha)
+        self.feature_dim = int(self.backbone.num_features)
+        self.embedding_dim = int(embedding_dim)
+        self.fc = nn.Linear(self.feature_dim, self.embedding_dim, bias=True)
+
+        cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
+        in_chans = int(cfg.get("input_size", (3,))[0])
+        self.input_format = input_format
+        self.mean = self._check_stats("mean", mean, cfg.get("mean", (0.485, 0.456, 0.406)), in_chans)
+        self.std = self._check_stats("std", std, cfg.get("std", (0.229, 0.224, 0.225)), in_chans)
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be > 0, got {self.std}")
+
+    # -- construction helpers -------------------------------------------------------------
+    @staticmethod
+    def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+        out = tuple(float(s) for s in scales)
+        if not out or any(s <= 0 for s in out):
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}")
+        return out
+
+    def _check_stats(
+        self, what: str, given: Sequence[float] | None, default_rgb: Sequence[float], channels: int
+    ) -> tuple[float, ...]:
+        if given is None:
+            values = tuple(float(v) for v in default_rgb)
+            return values[::-1] if self.input_format == "bgr" else values
+        values = tuple(float(v) for v in given)
+        if len(values) != channels:
+            raise ValueError(f"{what} needs {channels} values (one per input channel), got {values}")
+        return values
+
+    # -- descriptors ------------------------------------------------------------------------
+    @property
+    def preprocessing(self) -> dict[str, object]:
+        """How inputs must be prepared: ``(pixels / 255 - mean) / std`` in ``input_format`` order."""
+        return {"input_format": self.input_format, "scale": 1.0 / 255.0, "mean": self.mean, "std": self.std}
+
+    def pooled(self, images: Tensor) -> Tensor:
+        """Pooled backbone features ``(B, feature_dim)``, before any normalisation."""
+        return self.head(self.backbone.forward_features(images))
+
+    def embed(self, images: Tensor) -> Tensor:
+        """FC output ``(B, embedding_dim)`` of L2-normalised pooled features, not normalised."""
+        pooled = F.normalize(self.pooled(images), p=2, dim=-1)  # float32 from the head
+        return self.fc(pooled.to(self.fc.weight.dtype))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """L2-normalised descriptors ``(B, embedding_dim)`` at the input's own scale."""
+        return F.normalize(self.embed(images), p=2, dim=-1)
+
+    def extract(self, images: Tensor, scales: Sequence[float] | None = None) -> Tensor:
+        """Multi-scale descriptors ``(B, embedding_dim)``, L2-normalised.
+
+        For each scale the batch is resized (:func:`resize_for_scale`) and embedded; the FC
+        outputs are aggregated by the head (Scale-GeM max / finite, or mean without "sgem")
+        and normalised. Runs in the module's current mode and grad state: call ``eval()``
+        and wrap in ``torch.no_grad()`` for inference.
+        """
+        scales = self.scales if scales is None else self._check_scales(scales)
+        per_scale = [self.embed(resize_for_scale(images, s)) for s in scales]
+        return F.normalize(self.head.aggregate_scales(per_scale), p=2, dim=-1)
+
+    # -- optimiser support ------------------------------------------------------------------
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the timm backbone (for a backbone LR multiplier)."""
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the pooling head (GeM p when learnable) and the FC layer."""
+        yield from self.head.parameters()
+        yield from self.fc.parameters()
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """``{"backbone": [(name, param), ...], "head": [...]}`` with names as in ``named_parameters()``."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"backbone": [], "head": []}
+        for name, param in self.named_parameters():
+            groups["backbone" if name.startswith("backbone.") else "head"].append((name, param))
+        return groups
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameters to keep out of weight decay: GeM p, biases and norm weights (all 0/1-d)."""
+        return {name for name, param in self.named_parameters() if param.ndim <= 1}
+
+    def gem_p_names(self) -> list[str]:
+        """Names of learnable GeM exponents (e.g. ``["head.pool.p"]``); empty for GeM+/avg/max."""
+        return [f"head.{n}.p" for n, m in self.head.named_modules() if isinstance(m, GeM)]

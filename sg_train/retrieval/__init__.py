@@ -1,0 +1,23 @@
+"""Retrieval core: exact/FAISS search, SuperGlobal reranking, αQE/αDBA, Revisited Oxford/Paris
+mAP (full ranking or exact from a top-k), safe ground-truth loading, and one-call evaluation.
+
+Pure functions on torch tensors (any device) or numpy arrays / memory maps; see DESIGN.md §4, §6.
+"""
+from ._checks import RetrievalInputError
+from .evaluation import BACKENDS, evaluate_descriptors, format_results_table
+from .faiss_search import INDEX_TYPES, faiss_gpu_available, faiss_search
+from .ground_truth import (PROTOCOLS, GndEntries, GroundTruthError, UnsafePickleError, dataset_name, load_gnd,
+                           query_gnd, validate_gnd)
+from .query_expansion import alpha_dba, alpha_qe
+from .rerank import superglobal_rerank
+from .revisited_map import revisited_map, revisited_map_topk
+from .search import search
+from .tail import TailPositions, search_with_tail, tail_positions
+
+__all__ = [
+    "BACKENDS", "INDEX_TYPES", "PROTOCOLS",
+    "GndEntries", "GroundTruthError", "RetrievalInputError", "TailPositions", "UnsafePickleError",
+    "alpha_dba", "alpha_qe", "dataset_name", "evaluate_descriptors", "faiss_gpu_available", "faiss_search",
+    "format_results_table", "load_gnd", "query_gnd", "revisited_map", "revisited_map_topk", "search",
+    "search_with_tail", "superglobal_rerank", "tail_positions", "validate_gnd",
+]

@@ -1,0 +1,92 @@
+"""Input checks shared by the retrieval functions: every bad input is a clear error naming it."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["RetrievalInputError", "check_descriptors", "check_k", "as_index_tensor", "compute_dtype"]
+
+
+class RetrievalInputError(ValueError):
+    """Descriptors, rankings or parameters that the retrieval functions cannot work with."""
+
+
+def _shape(a) -> tuple[int, ...]:
+    return tuple(int(s) for s in a.shape)
+
+
+def _dtype_name(a) -> str:
+    return str(a.dtype).replace("torch.", "")
+
+
+def compute_dtype(*arrays) -> torch.dtype:
+    """float64 if any input is float64, else float32 (fp16/bf16 inputs accumulate in fp32)."""
+    for a in arrays:
+        if a is not None and str(a.dtype).replace("torch.", "") == "float64":
+            return torch.float64
+    return torch.float32
+
+
+def check_descriptors(Q, X, *, q_name: str = "Q", x_name: str = "X", check_x_finite: bool = False) -> None:
+    """Validate a query matrix (nq, D) and a database matrix (n, D).
+
+    ``Q`` is small and always checked for non-finite values; ``X`` may be a 1M-row memory map, so
+    its finiteness is checked by the caller on the scores it computes anyway, unless asked here.
+    """
+    for name, a in ((q_name, Q), (x_name, X)):
+        if not isinstance(a, (torch.Tensor, np.ndarray)):
+            raise RetrievalInputError(f"{name} must be a torch tensor or numpy array, got {type(a).__name__}")
+        if a.ndim != 2:
+            raise RetrievalInputError(f"{name} must be 2-D (rows, dim), got shape {_shape(a)}")
+        if not (a.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+                or (isinstance(a, np.ndarray) and a.dtype.kind == "f")):
+            raise RetrievalInputError(f"{name} must hold floating-point descriptors, got dtype {_dtype_name(a)}")
+    if X.shape[0] == 0:
+        raise RetrievalInputError(f"empty database: {x_name} has 0 rows")
+    if Q.shape[0] == 0:
+        raise RetrievalInputError(f"no queries: {q_name} has 0 rows")
+    if Q.shape[1] != X.shape[1]:
+        raise RetrievalInputError(
+            f"descriptor dimensions differ: {q_name} is {_shape(Q)} but {x_name} is {_shape(X)}")
+    check_finite(Q, q_name)
+    if check_x_finite:
+        check_finite(X, x_name)
+
+
+def check_finite(a, name: str) -> None:
+    t = torch.as_tensor(a) if isinstance(a, np.ndarray) else a
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        row = int(bad.any(dim=-1).nonzero()[0, 0]) if t.ndim == 2 else int(bad.nonzero()[0, 0])
+        raise RetrievalInputError(f"non-finite values (nan/inf) in {name}, first at row {row}")
+
+
+def raise_nonfinite_rows(scores: torch.Tensor, row_offset: int, name: str) -> None:
+    """Raise naming the first database row whose scores are not finite (scores: (nq, c))."""
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        col = int(bad.any(dim=0).nonzero()[0, 0])
+        raise RetrievalInputError(f"non-finite values (nan/inf) in {name}, first at row {row_offset + col}")
+
+
+def check_k(k: int, n: int, what: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise RetrievalInputError(f"{what} must be an integer, got {k!r}")
+    k = int(k)
+    if k < 1:
+        raise RetrievalInputError(f"{what} must be >= 1, got {k}")
+    if k > n:
+        raise RetrievalInputError(f"{what}={k} is larger than the database ({n} items)")
+    return k
+
+
+def as_index_tensor(idx, name: str = "idx", *, device=None) -> torch.Tensor:
+    """An integer ranking (nq, k) as a LongTensor."""
+    t = torch.as_tensor(idx) if isinstance(idx, np.ndarray) else idx
+    if not isinstance(t, torch.Tensor):
+        raise RetrievalInputError(f"{name} must be a torch tensor or numpy array, got {type(idx).__name__}")
+    if t.ndim != 2:
+        raise RetrievalInputError(f"{name} must be 2-D (queries, ranked items), got shape {_shape(t)}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+        raise RetrievalInputError(f"{name} must hold integer database indices, got dtype {_dtype_name(t)}")
+    return t.to(device=device if device is not None else t.device, dtype=torch.long)
