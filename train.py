@@ -31,13 +31,16 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("data.class_counts", "model.class_counts", compute_fn=_as_list, apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> TrainCLI:
+def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
+    """Parse ``args`` (default: the command line); with ``run=False`` only build the objects."""
     return TrainCLI(
         LandmarkRetrievalModule,
         GLDv2DataModule,
         trainer_defaults={"callbacks": [FiniteLossGuard(), SkippedImagesReport()]},
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the optimizer comes in through the module (model.optimizer)
         args=args,
+        run=run,
     )
 
 

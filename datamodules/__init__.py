@@ -1,6 +1,6 @@
 """LightningDataModules, datasets and image pipelines."""
 
-from .collate import SkipFailedCollate, collate_skip_failed
+from .collate import SkipFailedCollate, collate_skip_failed, format_failed, split_failed
 from .gldv2 import ClassMappingError, GLDv2DataModule
 from .gldv2_index import (
     GLDv2CSVError,
@@ -27,9 +27,11 @@ __all__ = [
     "build_gldv2_split",
     "build_train_transform",
     "collate_skip_failed",
+    "format_failed",
     "gldv2_image_path",
     "read_gldv2_csv",
     "read_image",
     "resolve_normalization",
+    "split_failed",
     "worker_init_fn",
 ]

@@ -3,7 +3,11 @@
 Input: samples from :class:`~datamodules.image_dataset.ImageDataset`. Output::
 
     {"image": float tensor (B, 3, H, W), "label": long (B,), "index": long (B,),
-     "failed": [(path, reason), ...]}   # samples skipped in this batch
+     "failed": ["<path>\t<reason>", ...]}   # samples skipped in this batch
+
+Each ``failed`` entry is one string, path and reason joined by a tab (tabs/newlines inside
+either are replaced by spaces), so it gathers across ranks and lands in a TSV report as is;
+:func:`split_failed` turns it back into ``(path, reason)``.
 
 If every sample failed, ``B == 0``: ``image`` has shape ``(0, *image_shape)`` (or
 ``(0, 3, 0, 0)`` when no shape was given) and the batch is still returned, never raised.
@@ -17,15 +21,31 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-__all__ = ["SkipFailedCollate", "collate_skip_failed"]
+__all__ = ["SkipFailedCollate", "collate_skip_failed", "format_failed", "split_failed"]
+
+_WS = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
 
 
-def collate_skip_failed(
-    samples: Sequence[dict[str, Any]], image_shape: Sequence[int] | None = None
-) -> dict[str, Any]:
+def format_failed(path: str, reason: str) -> str:
+    """``"<path>\t<reason>"`` (one line, exactly one tab)."""
+    return f"{str(path).translate(_WS)}\t{str(reason).translate(_WS)}"
+
+
+def split_failed(entry: str) -> tuple[str, str]:
+    """Inverse of :func:`format_failed`: ``(path, reason)``."""
+    path, _, reason = entry.partition("\t")
+    return path, reason
+
+
+def collate_skip_failed(samples: Sequence[dict[str, Any]], image_shape: Sequence[int] | None = None) -> dict[str, Any]:
     ok = [s for s in samples if s.get("image") is not None]
-    failed = [tuple(s["failed"]) for s in samples if s.get("image") is None and s.get("failed") is not None]
-    failed += [(f"<index {s.get('index')}>", "no image") for s in samples if s.get("image") is None and s.get("failed") is None]
+    failed = [
+        format_failed(*s["failed"])
+        if s.get("failed") is not None
+        else format_failed(f"<index {s.get('index')}>", "no image")
+        for s in samples
+        if s.get("image") is None
+    ]
     if ok:
         # default_collate stacks into shared memory inside DataLoader workers (no extra copy)
         images = default_collate([s["image"] for s in ok])

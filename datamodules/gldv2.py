@@ -7,7 +7,7 @@ contiguous relabelling travels in Lightning checkpoints through ``state_dict`` /
 
 Batches are dicts (see :mod:`datamodules.collate`)::
 
-    {"image": float (B, 3, H, W), "label": long (B,), "index": long (B,), "failed": [(path, reason), ...]}
+    {"image": float (B, 3, H, W), "label": long (B,), "index": long (B,), "failed": ["<path>\t<reason>", ...]}
 
 Samples whose file is missing/unreadable/corrupt/truncated are dropped from the batch and
 listed in ``"failed"`` (``B`` may be 0: a fully failed batch is returned, not raised).
@@ -132,16 +132,16 @@ class GLDv2DataModule(LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.prefetch_factor = prefetch_factor
-        self.aug = dict(
-            scale=tuple(scale),
-            ratio=tuple(ratio),
-            hflip_p=hflip_p,
-            color_jitter=color_jitter,
-            color_jitter_hue=color_jitter_hue,
-            color_jitter_p=color_jitter_p,
-            jpeg_quality=tuple(jpeg_quality),
-            jpeg_p=jpeg_p,
-        )
+        self.aug = {
+            "scale": tuple(scale),
+            "ratio": tuple(ratio),
+            "hflip_p": hflip_p,
+            "color_jitter": color_jitter,
+            "color_jitter_hue": color_jitter_hue,
+            "color_jitter_p": color_jitter_p,
+            "jpeg_quality": tuple(jpeg_quality),
+            "jpeg_p": jpeg_p,
+        }
         self.build_train_transform()  # validate augmentation arguments now, not in a worker
 
         self._split: GLDv2Split | None = None
@@ -309,4 +309,3 @@ class GLDv2DataModule(LightningDataModule):
             f"{type(self).__name__}(csv={self.csv_path!r}, image_dir={self.image_dir!r}, "
             f"min_images_per_class={self.min_images_per_class}, val_fraction={self.val_fraction}, seed={self.seed})"
         )
-

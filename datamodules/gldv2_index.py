@@ -145,7 +145,9 @@ def read_gldv2_csv(path: str | os.PathLike) -> GLDv2Rows:
     required = ("landmark_id", "images") if fmt == "clean" else ("id", "landmark_id")
     missing = [c for c in required if c not in stripped]
     if missing:
-        other = "train.csv format: id,url,landmark_id" if fmt == "clean" else "train_clean.csv format: landmark_id,images"
+        other = (
+            "train.csv format: id,url,landmark_id" if fmt == "clean" else "train_clean.csv format: landmark_id,images"
+        )
         raise GLDv2CSVError(
             f"{path}: missing required column(s) {missing} "
             f"(read as the {'train_clean.csv' if fmt == 'clean' else 'train.csv'} format, which needs "
@@ -184,7 +186,9 @@ def read_gldv2_csv(path: str | os.PathLike) -> GLDv2Rows:
         ids, lids = ids[order], lids[order]
         dup = np.flatnonzero(ids[1:] == ids[:-1])
         if len(dup):
-            raise GLDv2CSVError(f"{path}: image id {_s(ids[dup[0]])!r} is listed more than once ({len(dup)} duplicates)")
+            raise GLDv2CSVError(
+                f"{path}: image id {_s(ids[dup[0]])!r} is listed more than once ({len(dup)} duplicates)"
+            )
     return GLDv2Rows(path=path, format=fmt, ids=ids, landmark_ids=lids)
 
 
@@ -364,7 +368,9 @@ def build_gldv2_split(
         recorded = {k: obj.get(k) for k in ("min_images_per_class", "val_fraction", "seed")}
         wanted = {"min_images_per_class": min_images_per_class, "val_fraction": val_fraction, "seed": seed}
         if recorded != wanted:
-            warnings.warn(f"split file {split_path!r} was made with {recorded}, now {wanted}: using the file", stacklevel=2)
+            warnings.warn(
+                f"split file {split_path!r} was made with {recorded}, now {wanted}: using the file", stacklevel=2
+            )
         val_mask = _mask_from_split_file(split_path, obj, ids, labels, csv_path)
     else:
         val_mask = stratified_split(labels, val_fraction, seed)
@@ -378,8 +384,8 @@ def build_gldv2_split(
                     "min_images_per_class": min_images_per_class,
                     "val_fraction": val_fraction,
                     "seed": seed,
-                    "num_images": int(len(ids)),
-                    "num_classes": int(len(classes)),
+                    "num_images": len(ids),
+                    "num_classes": len(classes),
                     "num_val": int(val_mask.sum()),
                     "val_ids": [_s(x) for x in ids[val_mask]],  # sorted, as ids are
                 },

@@ -3,8 +3,9 @@
 A sample is a dict ``{"image", "label", "index", "failed"}``. When the file cannot be read
 (:class:`~datamodules.image_io.ImageReadError`), ``image`` is ``None`` and ``failed`` is
 ``(path, reason)``; :class:`~datamodules.collate.SkipFailedCollate` drops such samples and
-lists them in the batch's ``"failed"``. Errors raised by the transform are *not* swallowed
-(they are bugs, not bad files); they are re-raised naming the file.
+lists them in the batch's ``"failed"`` (as ``"<path>\t<reason>"`` strings). Errors raised by
+the transform are *not* swallowed (they are bugs, not bad files); they are re-raised naming
+the file.
 
 Names and labels are kept as compact numpy arrays (fixed-width bytes, ``int64``), not
 Python lists, so forked DataLoader workers do not copy millions of objects.
@@ -64,7 +65,9 @@ class ImageDataset(Dataset):
         self.names = compact_strings(names)
         self.labels = np.asarray(labels, dtype=np.int64)
         if self.names.ndim != 1 or self.labels.shape != self.names.shape:
-            raise ValueError(f"names and labels must be 1-D of equal length, got {self.names.shape} and {self.labels.shape}")
+            raise ValueError(
+                f"names and labels must be 1-D of equal length, got {self.names.shape} and {self.labels.shape}"
+            )
         self.root = os.fspath(root)
         self.transform = transform
         self.path_fn = path_fn
@@ -94,7 +97,9 @@ class ImageDataset(Dataset):
         try:
             sample["image"] = self.transform(image=img)["image"]
         except Exception as e:
-            raise RuntimeError(f"transform failed on image {path!r} (shape {img.shape}): {type(e).__name__}: {e}") from e
+            raise RuntimeError(
+                f"transform failed on image {path!r} (shape {img.shape}): {type(e).__name__}: {e}"
+            ) from e
         return sample
 
     def reseed(self, seed: int) -> None:

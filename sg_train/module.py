@@ -84,6 +84,13 @@ class LandmarkRetrievalModule(pl.LightningModule):
             landmark_ids = getattr(datamodule, "landmark_ids", None)
             self.finetune_report = load_finetune_weights(self, self.hparams.init_from, landmark_ids)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights are restored: a checkpoint trained on another class set gets the
+        # datamodule's error naming the first differing landmark, not a bare tensor size mismatch.
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if hasattr(datamodule, "check_checkpoint"):
+            datamodule.check_checkpoint(checkpoint)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, labels = batch["image"], batch["label"]
         if images.shape[0] == 0:

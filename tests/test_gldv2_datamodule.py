@@ -3,6 +3,7 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -24,6 +25,7 @@ from datamodules import (
     build_train_transform,
     gldv2_image_path,
     read_gldv2_csv,
+    split_failed,
     worker_init_fn,
 )
 from datamodules.gldv2_index import stratified_split
@@ -56,17 +58,19 @@ def make_gldv2(root, classes=CLASSES, seed=0, bad=None, shuffle=True):
     bad_paths = {}
     for i, kind in (bad or {}).items():
         p = gldv2_image_path(str(root / "train"), rows[i][0])
-        data = open(p, "rb").read()
+        f = Path(p)
         if kind == "truncated":
-            open(p, "wb").write(data[: len(data) // 2])
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
         elif kind == "garbage":
-            open(p, "wb").write(b"this is not an image" * 20)
+            f.write_bytes(b"this is not an image" * 20)
         elif kind == "empty":
-            open(p, "wb").close()
+            f.write_bytes(b"")
         elif kind == "missing":
-            os.remove(p)
+            f.unlink()
         bad_paths[p] = kind
-    df = pd.DataFrame({"id": [r[0] for r in rows], "url": [f"http://x/{r[0]}" for r in rows], "landmark_id": [r[1] for r in rows]})
+    df = pd.DataFrame(
+        {"id": [r[0] for r in rows], "url": [f"http://x/{r[0]}" for r in rows], "landmark_id": [r[1] for r in rows]}
+    )
     df.to_csv(root / "train.csv", index=False)
     clean = df.groupby("landmark_id")["id"].agg(" ".join).reset_index().rename(columns={"id": "images"})
     clean.to_csv(root / "train_clean.csv", index=False)
@@ -184,7 +188,7 @@ def test_min_images_filter_and_contiguous_relabelling(gld):
 
 def test_split_stratified_and_deterministic(gld):
     root, _ = gld
-    kw = dict(min_images_per_class=1, val_fraction=0.3, seed=3)
+    kw = {"min_images_per_class": 1, "val_fraction": 0.3, "seed": 3}
     a = build_gldv2_split(root / "train.csv", **kw)
     b = build_gldv2_split(root / "train_clean.csv", **kw)
     np.testing.assert_array_equal(a.val_ids, b.val_ids)
@@ -235,24 +239,24 @@ def test_split_file_written_once_and_reused(gld):
     path = dm.split_file
     assert path == str(root / "splits" / "train_clean_min2_val0.3_seed0.json")
     val = sorted(x.decode() for x in dm.split.val_ids)
-    obj = json.loads(open(path).read())
+    obj = json.loads(Path(path).read_text())
     assert obj["val_ids"] == val and obj["num_images"] == 24 and obj["num_classes"] == 4
     assert [f for f in os.listdir(root / "splits") if f.endswith(".tmp")] == []
     # the file, not the seed, decides on the second run: move one val image to train in the file
     obj["val_ids"] = val[1:]
     obj["num_val"] = len(val) - 1
-    open(path, "w").write(json.dumps(obj))
+    Path(path).write_text(json.dumps(obj))
     dm2 = _dm(root, val_fraction=0.3)
     assert sorted(x.decode() for x in dm2.split.val_ids) == val[1:]
     assert dm2.class_counts.sum() == 24 - len(val) + 1
 
 
 def test_split_file_mismatch_is_refused(gld):
-    root, rows = gld
+    root, _ = gld
     dm = _dm(root, csv="train.csv", val_fraction=0.3)
-    val = set(x.decode() for x in dm.split.val_ids)
+    val = {x.decode() for x in dm.split.val_ids}
     df = pd.read_csv(root / "train.csv")
-    df = df[df["id"] != sorted(val)[0]]  # a validation image vanishes from the CSV
+    df = df[df["id"] != min(val)]  # a validation image vanishes from the CSV
     df.to_csv(root / "train.csv", index=False)
     with pytest.raises(SplitFileError) as e:
         _ = _dm(root, csv="train.csv", val_fraction=0.3).num_classes
@@ -265,10 +269,10 @@ def test_split_file_mismatch_is_refused(gld):
 def test_split_file_count_mismatch_is_refused(gld):
     root, _ = gld
     dm = _dm(root, val_fraction=0.3)
-    dm.num_classes
-    with pytest.raises(SplitFileError, match="made for 24 images"):  # same file, more classes kept
-        with pytest.warns(UserWarning, match="was made with"):
-            _ = _dm(root, val_fraction=0.3, min_images_per_class=1, split_file=dm.split_file).num_classes
+    assert dm.num_classes == 4  # writes the split file
+    # the same file, with more classes kept
+    with pytest.raises(SplitFileError, match="made for 24 images"), pytest.warns(UserWarning, match="was made with"):
+        _ = _dm(root, val_fraction=0.3, min_images_per_class=1, split_file=dm.split_file).num_classes
 
 
 # ----------------------------------------------------------------------------- state dict
@@ -284,7 +288,9 @@ def test_state_dict_round_trip_and_mismatch(gld):
     with pytest.raises(ClassMappingError, match=r"checkpoint has 4 classes.*data has 5"):
         _dm(root, min_images_per_class=1).load_state_dict(sd)
     sd2 = dict(sd, landmark_ids=[10, 20, 31, 55])
-    with pytest.raises(ClassMappingError, match="first difference at label 2: checkpoint landmark 31, data landmark 30"):
+    with pytest.raises(
+        ClassMappingError, match="first difference at label 2: checkpoint landmark 31, data landmark 30"
+    ):
         _dm(root).load_state_dict(sd2)
 
 
@@ -301,7 +307,8 @@ def _epoch(loader):
         assert batch["label"].dtype == torch.long and batch["label"].shape == (b,)
         assert batch["index"].dtype == torch.long and batch["index"].shape == (b,)
         seen += list(zip(batch["index"].tolist(), batch["label"].tolist()))
-        failed += batch["failed"]
+        assert all(isinstance(f, str) and f.count("\t") == 1 for f in batch["failed"])
+        failed += [split_failed(f) for f in batch["failed"]]
     return seen, failed, n_batches
 
 
@@ -325,7 +332,9 @@ def test_bad_files_skipped_and_listed(tmp_path, num_workers):
             assert ds.labels[idx] == lab and ds.path(idx) not in bad_in_train
     reasons = dict(failed)
     for p, kind in bad_in_train.items():
-        assert {"missing": "not found", "empty": "empty", "garbage": "not a recognised", "truncated": "truncated"}[kind] in reasons[p]
+        assert {"missing": "not found", "empty": "empty", "garbage": "not a recognised", "truncated": "truncated"}[
+            kind
+        ] in reasons[p]
 
 
 def test_fully_failed_batch_is_empty_not_raised(tmp_path):
@@ -336,7 +345,8 @@ def test_fully_failed_batch_is_empty_not_raised(tmp_path):
         assert len(batches) == 2
         for b in batches:
             assert b["image"].shape == (0, 3, 16, 16) and b["label"].shape == (0,) and b["index"].shape == (0,)
-            assert len(b["failed"]) == 3 and all("file not found" in r for _, r in b["failed"])
+            assert len(b["failed"]) == 3 and all(split_failed(f)[1] == "file not found" for f in b["failed"])
+        assert [split_failed(f)[0] for b in batches for f in b["failed"]] == [ds.path(i) for i in range(6)]
     assert SkipFailedCollate()([ds[0]])["image"].shape == (0, 3, 0, 0)
 
 
@@ -359,7 +369,9 @@ def test_val_loader_pads_to_square(gld):
 def test_workers_get_different_augmentations(tmp_path):
     rng = np.random.default_rng(0)
     _write_jpeg(str(tmp_path / "same.jpg"), rng, size=(64, 64))
-    ds = ImageDataset(["same.jpg"] * 4, [0] * 4, tmp_path, build_train_transform(16, scale=(0.1, 0.5), color_jitter=0, jpeg_p=0))
+    ds = ImageDataset(
+        ["same.jpg"] * 4, [0] * 4, tmp_path, build_train_transform(16, scale=(0.1, 0.5), color_jitter=0, jpeg_p=0)
+    )
     loader = DataLoader(ds, batch_size=1, num_workers=2, worker_init_fn=worker_init_fn, collate_fn=SkipFailedCollate())
     out = [b["image"] for b in loader]  # worker 0: items 0, 2; worker 1: items 1, 3
     assert not torch.equal(out[0], out[1]) and not torch.equal(out[2], out[3])
@@ -411,8 +423,15 @@ class _Tiny(L.LightningModule):
 
 def _trainer(tmp_path, steps):
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
     )
 
 
@@ -451,3 +470,10 @@ def test_trainer_without_validation(tmp_path):
     trainer.fit(_Tiny(dm.num_classes), datamodule=dm)
     assert trainer.global_step == 2
     assert not (tmp_path / "splits").exists()
+
+
+def test_failed_entries_are_one_line_tab_separated():
+    from datamodules import format_failed
+
+    e = format_failed("/a/b\tc.jpg", "bad\nthing")
+    assert e == "/a/b c.jpg\tbad thing" and split_failed(e) == ("/a/b c.jpg", "bad thing")

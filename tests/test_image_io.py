@@ -72,7 +72,7 @@ def test_every_mode_becomes_rgb(tmp_path, mode, fmt, kw):
 
 
 def test_16bit_png_is_scaled_not_clipped(tmp_path):
-    a16 = (_smooth()[..., 0].astype(np.uint16) * 257)
+    a16 = _smooth()[..., 0].astype(np.uint16) * 257
     p = _write(tmp_path / "x.png", _encode(Image.fromarray(a16), "PNG"))
     img = read_image(p)
     assert img.shape == (30, 40, 3)

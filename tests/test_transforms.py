@@ -69,7 +69,9 @@ def test_eval_resize_longest_side_and_pad():
     out = build_eval_transform(64, pad_to_square=True)(image=x)["image"]
     assert out.shape == (3, 64, 64)
     assert torch.all(out[:, 32:, :] == 0)  # padding = zeros after normalisation (the mean colour)
-    torch.testing.assert_close(out[:, :32, :].mean((1, 2)), _expected(RGB, IMAGENET_MEAN, IMAGENET_STD), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        out[:, :32, :].mean((1, 2)), _expected(RGB, IMAGENET_MEAN, IMAGENET_STD), atol=1e-4, rtol=0
+    )
     tall = build_eval_transform(64, pad_to_square=True)(image=_const(100, 10))["image"]
     assert tall.shape == (3, 64, 64)
 
@@ -78,8 +80,15 @@ def test_arguments_reach_albumentations_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         t = build_train_transform(
-            image_size=(40, 50), scale=(0.3, 0.9), ratio=(0.5, 2.0), hflip_p=0.3, color_jitter=0.2,
-            color_jitter_hue=0.05, color_jitter_p=0.7, jpeg_quality=(40, 90), jpeg_p=0.6,
+            image_size=(40, 50),
+            scale=(0.3, 0.9),
+            ratio=(0.5, 2.0),
+            hflip_p=0.3,
+            color_jitter=0.2,
+            color_jitter_hue=0.05,
+            color_jitter_p=0.7,
+            jpeg_quality=(40, 90),
+            jpeg_p=0.6,
         )
         e = build_eval_transform(32, pad_to_square=True)
     by = {type(x).__name__: x for x in t.transforms}

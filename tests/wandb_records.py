@@ -44,6 +44,11 @@ def iter_records(path: str | Path):
 
 
 def run_file(wandb_dir: str | Path) -> Path:
+    """The one offline run file under ``wandb_dir``, after finishing the live run (which flushes it)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
     files = sorted(Path(wandb_dir).glob("**/offline-run-*/run-*.wandb"))
     if len(files) != 1:
         raise AssertionError(f"expected one offline run under {wandb_dir}, found {files}")
