@@ -124,6 +124,10 @@ class LandmarkRetrievalModule(pl.LightningModule):
         return [(n, p) for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
 
     def configure_optimizers(self) -> dict[str, Any]:
+        return self.build_optimizer(total_steps=int(self.trainer.estimated_stepping_batches))
+
+    def build_optimizer(self, total_steps: int) -> dict[str, Any]:
+        """Optimizer over the parameter groups and its per-step warm-up + cosine schedule."""
         groups = parameter_groups(
             {
                 "backbone": (self.model.backbone.named_parameters(), self.hparams.backbone_lr_mult),
@@ -133,7 +137,6 @@ class LandmarkRetrievalModule(pl.LightningModule):
         )
         optimizer = self.optimizer_factory(groups)
         apply_lr_multipliers(optimizer)
-        total_steps = int(self.trainer.estimated_stepping_batches)
         warmup_steps = resolve_warmup_steps(self.hparams.warmup, total_steps)
         scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
