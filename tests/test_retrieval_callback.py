@@ -1,0 +1,95 @@
+"""RetrievalEvalCallback: per-epoch Revisited mAP during training and validation, DDP-exact."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import yaml
+
+from callbacks.retrieval_eval import RetrievalEvalCallback
+from datamodules.gldv2 import GLDv2DataModule
+from sg_train.module import LandmarkRetrievalModule
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = [f"retrieval/rsynth/{kind}_{p}" for kind in ("mAP", "rerank_mAP") for p in "EMH"]
+
+
+def tiny_module(num_classes: int) -> LandmarkRetrievalModule:
+    return LandmarkRetrievalModule(num_classes=num_classes, backbone="resnet18", head="gem+sgem", embedding_dim=32)
+
+
+def tiny_callback(synthetic_data: Path, **options) -> RetrievalEvalCallback:
+    return RetrievalEvalCallback(
+        data_root=str(synthetic_data / "revisited"), datasets=["rsynth"], batch_size=4, num_workers=0, progress=False, **options
+    )
+
+
+def test_validate_logs_map_with_and_without_rerank(synthetic_data, tmp_path):
+    datamodule = GLDv2DataModule(str(synthetic_data / "gldv2"), csv="train.csv", image_size=64, batch_size=8, num_workers=0, val_fraction=0.2)
+    callback = tiny_callback(synthetic_data, scales=[0.7071, 1.0])
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path, enable_progress_bar=False)
+    trainer.validate(tiny_module(datamodule.num_classes), datamodule)
+    for key in KEYS:
+        assert 0.0 <= float(trainer.callback_metrics[key]) <= 1.0, key
+    assert "val/GAP" in trainer.callback_metrics
+
+
+def test_fit_without_validation_split_evaluates_before_and_after_training_and_writes_results(synthetic_data, tmp_path):
+    datamodule = GLDv2DataModule(str(synthetic_data / "gldv2"), csv="train.csv", image_size=64, batch_size=8, num_workers=0, val_fraction=0.0)
+    results_file = tmp_path / "results.json"
+    callback = tiny_callback(synthetic_data, scales=[1.0], evaluate_before_training=True, results_file=str(results_file))
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path, max_epochs=1,
+        limit_train_batches=2, enable_progress_bar=False, enable_checkpointing=False,
+    )
+    trainer.fit(tiny_module(datamodule.num_classes), datamodule)
+    results = json.loads(results_file.read_text())
+    assert set(results) == {"untrained", "trained"}
+    for stage in results.values():
+        assert set(stage["mAP"]) == set("EMH") and set(stage["rerank_mAP"]) == set("EMH")
+        assert stage["mAP"] == stage["per_dataset"]["rsynth"]["mAP"]  # one data set: the mean is its value
+    assert results["trained"]["epoch"] == 0
+    assert float(trainer.callback_metrics["retrieval/rsynth/mAP_M"]) == pytest.approx(results["trained"]["mAP"]["M"], rel=1e-6)
+
+
+def test_missing_benchmark_is_reported_at_setup(synthetic_data, tmp_path):
+    callback = tiny_callback(synthetic_data)
+    callback.datasets = ["roxford5k"]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path)
+    datamodule = GLDv2DataModule(str(synthetic_data / "gldv2"), csv="train.csv", image_size=64, batch_size=8, num_workers=0)
+    with pytest.raises(FileNotFoundError, match="gnd_roxford5k.pkl"):
+        trainer.validate(tiny_module(datamodule.num_classes), datamodule)
+
+
+def test_ddp_two_processes_give_the_single_process_numbers_exactly(synthetic_data, tmp_path):
+    """``train.py validate`` on 1 and on 2 CPU processes (subprocesses: DDP inside pytest re-launches pytest)."""
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["trainer"].update(logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path / "run"))
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "callbacks.retrieval_eval.RetrievalEvalCallback",
+            "init_args": {"data_root": str(synthetic_data / "revisited"), "datasets": ["rsynth"], "batch_size": 3,
+                          "num_workers": 0, "progress": False},
+        },
+        {"class_path": "ddp_probe.RecordRetrievalMetrics", "init_args": {"out_dir": str(tmp_path / "probe")}},
+    ]
+    config["model"].update(backbone="resnet18", embedding_dim=32, head="rgem+gemp+sgem")
+    config["data"].update(data_root=str(synthetic_data / "gldv2"), image_size=64, batch_size=8, num_workers=0)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"}}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), OMP_NUM_THREADS="1")
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        command = [sys.executable, str(ROOT / "train.py"), "validate", "--config", str(config_path),
+                   f"--trainer.devices={devices}", f"--trainer.strategy={strategy}"]
+        result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single = json.loads((tmp_path / "probe" / "world1_rank0.json").read_text())
+    assert sorted(single) == sorted(KEYS)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "probe" / f"world2_rank{rank}.json").read_text()) == single
