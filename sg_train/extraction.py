@@ -183,7 +183,8 @@ def gather_descriptors(
                          f"got {tuple(descriptors.shape)}")
     device = descriptors.device if device is None else torch.device(device)
     n_local, dim_local = descriptors.shape
-    counts = _world_first(t := torch.tensor([n_local, dim_local], device=device), all_gather(t)).cpu()
+    shape = torch.tensor([n_local, dim_local], device=device)
+    counts = _world_first(shape, all_gather(shape)).cpu()
     longest = int(counts[:, 0].max())
     dims = {int(d) for n, d in counts.tolist() if n > 0}
     if len(dims) > 1:

@@ -86,12 +86,15 @@ class R1MDescriptors:
         return np.flatnonzero(self.valid_mask)
 
     @classmethod
-    def open(cls, out_dir: str | os.PathLike) -> "R1MDescriptors":
-        """Open a finished extraction; ``R1MExtractionError`` if it is incomplete or damaged."""
+    def open(cls, out_dir: str | os.PathLike, *, model: nn.Module | None = None) -> "R1MDescriptors":
+        """Open a finished extraction; ``R1MExtractionError`` if it is incomplete or damaged, or
+        (when ``model`` is given) was made by another model."""
         out_dir = Path(out_dir)
         meta = _read_meta(out_dir)
         if meta is None:
             raise R1MExtractionError(f"{out_dir} holds no R1M extraction ({META} missing)")
+        if model is not None and model_fingerprint(model) != meta["model"]:
+            raise R1MExtractionError(f"{out_dir} holds R1M descriptors of another model (fingerprint differs)")
         pending = [c for c in range(meta["chunks"]) if _read_record(out_dir, c) is None]
         if pending:
             raise R1MExtractionError(f"R1M extraction in {out_dir} is incomplete: {len(pending)} of {meta['chunks']} "

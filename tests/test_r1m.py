@@ -191,3 +191,10 @@ def test_pixels_unreadable_at_extraction_are_skipped_and_reported(r1m_root, weig
     assert not res.valid_mask[5] and res.valid_mask.sum() == N - 1
     assert [(r, n) for r, n, _ in res.missing] == [(5, line)] and "truncated" in res.missing[0][2]
     assert not np.asarray(res.descriptors[5]).any() and 5 not in res.valid_indices
+
+
+def test_open_checks_the_model(reference, weights):
+    assert R1MDescriptors.open(reference.out_dir, model=build_model(weights)).descriptors.shape == (N, 16)
+    torch.manual_seed(5)
+    with pytest.raises(R1MExtractionError, match="another model"):
+        R1MDescriptors.open(reference.out_dir, model=build_model())
