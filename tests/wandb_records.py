@@ -31,10 +31,11 @@ def iter_records(path: str | Path):
             offset += space
             continue
         _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        if kind == 0:  # zero padding: the writer moved on to the next block
+            offset += space
+            continue
         chunk = data[offset + HEADER : offset + HEADER + length]
         offset += HEADER + length
-        if kind == 0 and length == 0:
-            break
         pending = chunk if kind in (FULL, FIRST) else pending + chunk
         if kind in (FULL, LAST):
             record = wandb_internal_pb2.Record()
