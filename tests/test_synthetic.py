@@ -217,4 +217,5 @@ def test_cli(tmp_path):
     r = _cli(*args, cwd=tmp_path)
     assert r.returncode != 0 and "--overwrite" in r.stderr
     r = _cli(*args, "--overwrite", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr and (out / MARKER).is_file()
+    assert r.returncode == 0, r.stderr
+    assert (out / MARKER).is_file()

@@ -6,8 +6,16 @@ Pure functions on torch tensors (any device) or numpy arrays / memory maps; see 
 from ._checks import RetrievalInputError
 from .evaluation import BACKENDS, evaluate_descriptors, format_results_table
 from .faiss_search import INDEX_TYPES, faiss_gpu_available, faiss_search
-from .ground_truth import (PROTOCOLS, GndEntries, GroundTruthError, UnsafePickleError, dataset_name, load_gnd,
-                           query_gnd, validate_gnd)
+from .ground_truth import (
+                           PROTOCOLS,
+                           GndEntries,
+                           GroundTruthError,
+                           UnsafePickleError,
+                           dataset_name,
+                           load_gnd,
+                           query_gnd,
+                           validate_gnd,
+)
 from .query_expansion import alpha_dba, alpha_qe
 from .rerank import superglobal_rerank
 from .revisited_map import revisited_map, revisited_map_topk

@@ -20,6 +20,7 @@ import torch
 __all__ = ["iter_row_chunks", "take_rows", "auto_chunk_rows", "to_tensor"]
 
 _PAGE = mmap.PAGESIZE
+_GATHER_BATCH = 1024  # rows per batch when gathering scattered rows from a memory map
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 _libc = None
 if sys.platform.startswith("linux") and _MADV_DONTNEED is not None:
@@ -46,7 +47,7 @@ def to_tensor(a) -> torch.Tensor:
 
 def _release_pages(chunk: np.ndarray) -> None:
     """Drop this process's mapping of the pages under ``chunk`` (a slice of a shared memmap)."""
-    if _libc is None or chunk.nbytes == 0:
+    if _libc is None or chunk.nbytes == 0 or not chunk.flags.c_contiguous:
         return
     start = chunk.__array_interface__["data"][0]
     lo = -(-start // _PAGE) * _PAGE  # whole pages inside the chunk only
@@ -62,29 +63,46 @@ def _is_shared_memmap(a) -> bool:
 
 def iter_row_chunks(X, chunk_rows: int, *, device: torch.device, dtype: torch.dtype
                     ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, rows)`` with ``rows = X[start:start + chunk_rows]`` as ``dtype`` on ``device``."""
+    """Yield ``(start, rows)`` with ``rows = X[start:start + chunk_rows]`` as ``dtype`` on ``device``.
+
+    Rows that need a conversion (dtype or device) are converted into one reused buffer, so each
+    yielded tensor is valid only until the next one is requested.
+    """
     n = int(X.shape[0])
     shared_map = _is_shared_memmap(X)
+    buffer = None
     for start in range(0, n, chunk_rows):
         stop = min(n, start + chunk_rows)
-        if isinstance(X, torch.Tensor):
-            yield start, X[start:stop].to(device=device, dtype=dtype)
-            continue
         part = X[start:stop]
-        yield start, to_tensor(part).to(device=device, dtype=dtype)
+        src = to_tensor(part)
+        if src.dtype == dtype and src.device == device:
+            yield start, src
+        else:
+            if buffer is None:
+                buffer = torch.empty((min(chunk_rows, n), int(X.shape[1])), device=device, dtype=dtype)
+            rows = buffer[: stop - start]
+            rows.copy_(src)
+            yield start, rows
         if shared_map:  # the consumer is done with this chunk
             _release_pages(part)
 
 
 def take_rows(X, index: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``X[index]`` (any index shape) as ``dtype`` on ``device``; X a tensor, array or memmap."""
+    """``X[index]`` (any index shape) as ``dtype`` on ``device``; X a tensor, array or memmap.
+
+    From an array or memory map each distinct row is read once, in ascending order.
+    """
     if isinstance(X, torch.Tensor):
         return X[index.to(X.device)].to(device=device, dtype=dtype)
-    flat = index.reshape(-1).cpu().numpy()
-    # Gather in sorted order (sequential reads on a memory map), then undo the permutation.
-    order = np.argsort(flat, kind="stable")
-    rows_sorted = np.asarray(X[flat[order]])
-    rows = np.empty_like(rows_sorted)
-    rows[order] = rows_sorted
-    out = torch.from_numpy(rows).to(device=device, dtype=dtype)
-    return out.reshape(*index.shape, X.shape[1])
+    rows, where = np.unique(index.reshape(-1).cpu().numpy(), return_inverse=True)
+    if _is_shared_memmap(X):
+        # The kernel maps the pages around each row read (fault-around), so a scattered gather
+        # from a big map would leave most of it resident: read in batches, hand pages back.
+        table = torch.empty((rows.shape[0], X.shape[1]), device=device, dtype=dtype)
+        for a in range(0, rows.shape[0], _GATHER_BATCH):
+            part = rows[a:a + _GATHER_BATCH]
+            table[a:a + part.shape[0]] = to_tensor(np.asarray(X[part])).to(device=device, dtype=dtype)
+            _release_pages(X[part[0]:part[-1] + 1])
+    else:
+        table = to_tensor(np.asarray(X[rows])).to(device=device, dtype=dtype)
+    return table[torch.from_numpy(where.reshape(-1)).to(device)].reshape(*index.shape, X.shape[1])

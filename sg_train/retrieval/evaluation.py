@@ -6,12 +6,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._checks import RetrievalInputError, check_descriptors
+from ._checks import RetrievalInputError
 from .faiss_search import faiss_search
-from .ground_truth import GndEntries
 from .rerank import superglobal_rerank
 from .revisited_map import revisited_map_topk
-from .tail import search_with_tail, tail_positions
+from .tail import check_against_gnd, search_with_tail, tail_positions
 
 __all__ = ["evaluate_descriptors", "format_results_table", "BACKENDS"]
 
@@ -24,7 +23,7 @@ def evaluate_descriptors(Q, X, gnd, *, rerank: bool = True, M: int = 400, K: int
                          faiss_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Revisited E/M/H mAP (and mP@k) of query descriptors ``Q`` (nq, D) against ``X`` (n, D).
 
-    Search ranks the top ``max(topk, M)`` items per query (all of them for a small database);
+    Search ranks the top ``max(topk, M)`` items per query (the whole database if smaller);
     positives and junk beyond that are placed exactly by counting over the full similarity
     (``search_with_tail``: the same single pass over X as the search), so the numbers equal those
     of the full ranking for any n, R1M included. With ``rerank`` the top-M is reordered by
@@ -39,13 +38,8 @@ def evaluate_descriptors(Q, X, gnd, *, rerank: bool = True, M: int = 400, K: int
     ``"rerank_mAP"`` and ``"rerank_mP"`` when reranking, values in [0, 1], and ``"search"``
     (backend, top-k, and for approximate FAISS indices their recall@k against exact search).
     """
-    check_descriptors(Q, X)
-    entries = GndEntries.from_gnd(gnd)
+    entries = check_against_gnd(Q, X, gnd)
     n = int(X.shape[0])
-    if Q.shape[0] != entries.n_queries:
-        raise RetrievalInputError(f"{Q.shape[0]} query descriptors but the ground truth has {entries.n_queries} queries")
-    if isinstance(gnd, Mapping) and gnd.get("imlist") is not None and len(gnd["imlist"]) != n:
-        raise RetrievalInputError(f"{n} database descriptors but the ground truth lists {len(gnd['imlist'])} images")
     if backend not in BACKENDS:
         raise RetrievalInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     k = min(n, max(int(topk), M if rerank else 1))

@@ -85,7 +85,7 @@ def faiss_search(Q, X, k: int, *, index: str = "flat", nlist: int | None = None,
     else:
         faiss_index = cpu_index
     for start, rows in iter_row_chunks(X, rows_per_chunk, device=torch.device("cpu"), dtype=torch.float32):
-        check_finite(rows, f"X (database descriptors) rows {start}..{start + rows.shape[0] - 1}")
+        check_finite(rows, "X (database descriptors)", row_offset=start)
         faiss_index.add(np.ascontiguousarray(rows.numpy()))
     if index == "ivf":
         faiss_index.nprobe = nprobe

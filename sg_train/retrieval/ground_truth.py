@@ -190,8 +190,9 @@ class GndEntries:
     """Every (query, database item, category) of a ground truth as flat arrays.
 
     ``counts[q, c]`` is the length of query q's list for category c (``CATEGORIES`` order),
-    duplicates included, as revisitop's ``len(gnd['ok'])`` counts them. Build it once with
-    ``GndEntries.from_gnd`` to skip re-reading the ground truth on every evaluation.
+    duplicates included, as revisitop's ``len(gnd['ok'])`` counts them; ``n_images`` the length
+    of imlist when known. Build it once with ``GndEntries.from_gnd`` to skip re-reading the
+    ground truth on every evaluation.
     """
 
     query: np.ndarray
@@ -199,6 +200,7 @@ class GndEntries:
     category: np.ndarray
     counts: np.ndarray
     n_queries: int
+    n_images: int | None = None
 
     @classmethod
     def from_gnd(cls, gnd: Any) -> "GndEntries":
@@ -207,7 +209,7 @@ class GndEntries:
             return gnd
         n_images = None
         if isinstance(gnd, Mapping) and "gnd" in gnd:
-            n_images = len(gnd["imlist"]) if "imlist" in gnd else None
+            n_images = len(gnd["imlist"]) if gnd.get("imlist") is not None else None
             gnd = gnd["gnd"]
         if not isinstance(gnd, Sequence) or isinstance(gnd, (str, bytes)):
             raise GroundTruthError(f"ground truth must be a list with one dict per query, got {type(gnd).__name__}")
@@ -234,7 +236,7 @@ class GndEntries:
                 size = f"imlist of {n_images} images" if n_images is not None else "an image index"
                 raise GroundTruthError(f"gnd[{query[e]}]['{CATEGORIES[category[e]]}'] index {item[e]} "
                                        f"is out of range for {size}")
-        return cls(query, item, category, counts, len(gnd))
+        return cls(query, item, category, counts, len(gnd), n_images)
 
     def max_item(self) -> int:
         return int(self.item.max()) if self.item.size else -1

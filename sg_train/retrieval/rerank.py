@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._checks import RetrievalInputError, as_index_tensor, check_descriptors, compute_dtype
 from ._chunks import take_rows, to_tensor
@@ -10,8 +9,8 @@ from .search import pick_device
 
 __all__ = ["superglobal_rerank"]
 
-# Budget for one query chunk's gathered top-M rows and refined descriptors.
-_RERANK_BLOCK_BYTES = 256 << 20
+# Budget for one query chunk's gathered top-M rows.
+_RERANK_BLOCK_BYTES = 64 << 20
 
 
 def superglobal_rerank(Q, X, idx, M: int = 400, K: int = 9, beta: float = 0.15, *,
@@ -29,9 +28,10 @@ def superglobal_rerank(Q, X, idx, M: int = 400, K: int = 9, beta: float = 0.15, 
     5. Final score ``(a_i + m · d_i) / 2``; T sorted by it. Items past M keep their order.
 
     Queries are processed ``query_chunk`` at a time: a batched Gram (``bmm``, the nq·M²·D cost
-    that cannot be avoided), ``topk`` on it, and the neighbour sums as one weighted
-    ``embedding_bag`` (no (nq, M, K+1, D) tensor). Sorts are stable, so exact score ties keep
-    the earlier item first. With fewer than M ranked columns, what there is gets reranked.
+    that cannot be avoided), ``topk`` on it, and the refined descriptors only through their dot
+    products with q and m (no (nq, M, K+1, D) tensor, not even (nq, M, D) of them). Sorts are
+    stable, so exact score ties keep the earlier item first. With fewer than M ranked columns,
+    what there is gets reranked.
 
     Returns a LongTensor shaped like ``idx`` on the compute device.
     """
@@ -51,7 +51,7 @@ def superglobal_rerank(Q, X, idx, M: int = 400, K: int = 9, beta: float = 0.15, 
     if K + 1 > m_eff:
         raise RetrievalInputError(
             f"K+1={K + 1} neighbours cannot be taken from the {m_eff} ranked items per query in idx")
-    if ncols and (int(ranks.min()) < 0 or int(ranks.max()) >= n):
+    if int(ranks.min()) < 0 or int(ranks.max()) >= n:
         raise RetrievalInputError(f"idx holds database indices outside [0, {n})")
 
     device = pick_device(Q, X, idx)
@@ -60,34 +60,57 @@ def superglobal_rerank(Q, X, idx, M: int = 400, K: int = 9, beta: float = 0.15, 
     ranks = ranks.to(device)
     top = ranks[:, :m_eff]
     if query_chunk is None:
-        query_chunk = max(1, _RERANK_BLOCK_BYTES // (2 * m_eff * dim * dtype.itemsize))
+        query_chunk = max(1, _RERANK_BLOCK_BYTES // (m_eff * dim * dtype.itemsize))
+    elif query_chunk < 1:
+        raise RetrievalInputError(f"query_chunk must be >= 1, got {query_chunk}")
 
     out = ranks.clone()
     for b0 in range(0, nq, query_chunk):
         b1 = min(nq, b0 + query_chunk)
-        out[b0:b1, :m_eff] = _rerank_block(q_all[b0:b1], take_rows(X, top[b0:b1], device=device, dtype=dtype),
-                                           top[b0:b1], K + 1, beta)
+        xt = take_rows(X, top[b0:b1], device=device, dtype=dtype)
+        out[b0:b1, :m_eff] = _rerank_block(q_all[b0:b1], xt, top[b0:b1], K + 1, beta)
     return out
 
 
+def _check_finite_rows(gram: torch.Tensor, xt: torch.Tensor, top: torch.Tensor) -> None:
+    """A nan/inf in a row shows on the Gram diagonal (x·x); only then look at the rows."""
+    if bool(torch.isfinite(gram.diagonal(dim1=1, dim2=2)).all()):
+        return
+    bad = (~torch.isfinite(xt)).any(dim=2).nonzero()
+    if bad.numel():
+        row = int(top[int(bad[0, 0]), int(bad[0, 1])])
+        raise RetrievalInputError(f"non-finite values (nan/inf) in X (database descriptors), at row {row}")
+
+
 def _rerank_block(q: torch.Tensor, xt: torch.Tensor, top: torch.Tensor, k1: int, beta: float) -> torch.Tensor:
-    """One chunk of queries: q (b, D), xt = X[top] (b, M, D), top (b, M) -> reranked top (b, M)."""
+    """One chunk of queries: q (b, D), xt = X[top] (b, M, D), top (b, M) -> reranked top (b, M).
+
+    The refined descriptors enter only through dot products, so they are never formed for all
+    M items: with w the neighbour weights, ``a_i = q·d_i = Σ_j w_ij (q·x_j) / Σ_j w_ij`` and
+    ``m·d_i = Σ_j w_ij (m·x_j) / Σ_j w_ij``; only the K+1 descriptors that ``m`` is the max of
+    are built. Beyond the Gram, the work is two (b, M, D) matrix-vector products.
+    """
     b, m, dim = xt.shape
     gram = torch.bmm(xt, xt.transpose(1, 2))                       # (b, M, M)
+    _check_finite_rows(gram, xt, top)
     w, nbr = gram.topk(k1, dim=2)                                   # K+1 largest, descending
     del gram
     w = w * beta
     w[:, :, 0] = 1.0
-    # d_i = Σ_j w_ij x_j / Σ_j w_ij as one fused gather-and-weighted-sum over the flattened rows.
-    flat_nbr = (nbr + (torch.arange(b, device=nbr.device) * m).view(b, 1, 1)).view(b * m, k1)
-    d = F.embedding_bag(flat_nbr, xt.reshape(b * m, dim), per_sample_weights=w.reshape(b * m, k1),
-                        mode="sum").view(b, m, dim)
-    d /= w.sum(dim=2, keepdim=True)
-    a = torch.bmm(d, q.unsqueeze(2)).squeeze(2)                     # (b, M)
-    a, order = a.sort(dim=1, descending=True, stable=True)
-    d_sorted_top = d.gather(1, order[:, :k1, None].expand(b, k1, dim))
-    mx = d_sorted_top.amax(dim=1)                                   # (b, D)
-    md = torch.bmm(d, mx.unsqueeze(2)).squeeze(2).gather(1, order)  # m · d_i in re-sorted order
-    final = (a + md) / 2
-    order2 = final.sort(dim=1, descending=True, stable=True).indices
+    w_sum = w.sum(dim=2)
+
+    def refined_dot(v: torch.Tensor) -> torch.Tensor:               # v (b, D) -> (v · d_i) (b, M)
+        xv = torch.bmm(xt, v.unsqueeze(2)).squeeze(2)
+        return (w * xv.gather(1, nbr.view(b, m * k1)).view(b, m, k1)).sum(dim=2) / w_sum
+
+    a = refined_dot(q)
+    order = a.sort(dim=1, descending=True, stable=True).indices
+    first = order[:, :k1]                                           # the K+1 best by a
+    nbr_first = nbr.gather(1, first.unsqueeze(2).expand(b, k1, k1))  # their neighbours (b, K+1, K+1)
+    x_nbr = xt.gather(1, nbr_first.reshape(b, k1 * k1, 1).expand(b, k1 * k1, dim)).view(b, k1, k1, dim)
+    w_first = w.gather(1, first.unsqueeze(2).expand(b, k1, k1))
+    d_first = (w_first.unsqueeze(3) * x_nbr).sum(dim=2) / w_sum.gather(1, first).unsqueeze(2)
+    mx = d_first.amax(dim=1)                                        # (b, D)
+    final = (a + refined_dot(mx)) / 2
+    order2 = final.gather(1, order).sort(dim=1, descending=True, stable=True).indices
     return top.gather(1, order).gather(1, order2)

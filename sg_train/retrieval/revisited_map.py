@@ -125,18 +125,24 @@ def revisited_map(ranks, gnd, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, d
     entries = GndEntries.from_gnd(gnd)
     kappas = _check_kappas(kappas)
     r = _ranks_numpy(ranks, entries.n_queries)
+    if entries.n_images is not None and r.size and int(r.max()) >= entries.n_images:
+        raise RetrievalInputError(
+            f"ranks hold database index {int(r.max())}, out of range for imlist of {entries.n_images} images")
     nq, length = r.shape
     n_items = max(int(r.max()) + 1 if r.size else 0, entries.max_item() + 1, 1)
     table = _category_bits(entries, n_items).reshape(-1)
     marks = table[r + (np.arange(nq) * n_items)[:, None]].reshape(-1)   # categories at each position
-    at = np.flatnonzero(marks)                                          # sorted by (query, position)
+    at = np.flatnonzero(marks != 0)                                     # sorted by (query, position)
     q = at // max(length, 1)
-    # a gnd item listed twice in a row would count twice (as in revisitop): refuse it instead
-    per_q_marked = np.bincount(q, minlength=nq)
-    per_q_items = np.count_nonzero(table.reshape(nq, n_items), axis=1)
-    if (per_q_marked > per_q_items).any():
-        bad = int(np.argmax(per_q_marked > per_q_items))
-        raise RetrievalInputError(f"ranks row {bad} lists a ground-truth item more than once")
+    # A gnd item listed twice in a row would count twice (as in revisitop): refuse it instead.
+    # Clearing the table at the items found must clear exactly one cell per marked position.
+    n_marked_items = np.count_nonzero(table)
+    found = q * n_items + r.reshape(-1)[at]
+    table[found] = 0
+    if n_marked_items - np.count_nonzero(table) != at.size:
+        codes, counts = np.unique(found, return_counts=True)
+        dup = int(codes[np.argmax(counts > 1)])
+        raise RetrievalInputError(f"ranks row {dup // n_items} lists database item {dup % n_items} more than once")
     return _metrics(q, at - q * length, marks[at], entries, kappas)
 
 

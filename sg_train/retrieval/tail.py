@@ -23,7 +23,8 @@ from ._chunks import take_rows, to_tensor
 from .ground_truth import GndEntries
 from .search import RunningTopK, pick_device, score_chunks
 
-__all__ = ["TailPositions", "tail_positions", "search_with_tail", "positions_in_topk", "check_topk"]
+__all__ = ["TailPositions", "tail_positions", "search_with_tail", "positions_in_topk", "check_topk",
+           "check_against_gnd"]
 
 
 def check_topk(ranks, entries: GndEntries, n: int, name: str = "ranks") -> np.ndarray:
@@ -90,7 +91,9 @@ class _GndScoreCounter:
         nq = q_all.shape[0]
         self.nq = nq
         pq = torch.from_numpy(pair_q).to(device)
-        t = (take_rows(X, torch.from_numpy(pair_item), device=device, dtype=dtype) * q_all[pq]).sum(dim=1)
+        items, which = np.unique(pair_item, return_inverse=True)  # each gnd row read once
+        item_scores = q_all @ take_rows(X, torch.from_numpy(items), device=device, dtype=dtype).T
+        t = item_scores[pq, torch.from_numpy(which.reshape(-1)).to(device)]
         per_q = np.bincount(pair_q, minlength=nq)
         self.width = width = max(1, int(per_q.max()) if per_q.size else 1)
         self.first = np.concatenate([[0], np.cumsum(per_q)[:-1]])
@@ -155,14 +158,24 @@ def _finish(counter: _GndScoreCounter, codes: np.ndarray, n: int, r: np.ndarray,
     return TailPositions(n, k, np.sort(r, axis=1), codes, k + counter.above(pair_q))
 
 
-def _prepare(Q, X, gnd, chunk_size):
+def check_against_gnd(Q, X, gnd) -> GndEntries:
+    """Descriptors checked, and their counts against the ground truth: one query row per gnd
+    entry, every gnd index a database row. Returns the flattened ground truth."""
     check_descriptors(Q, X)
     entries = GndEntries.from_gnd(gnd)
+    n = int(X.shape[0])
     if Q.shape[0] != entries.n_queries:
-        raise RetrievalInputError(f"{Q.shape[0]} query descriptors but the ground truth has {entries.n_queries} queries")
-    if entries.max_item() >= int(X.shape[0]):
         raise RetrievalInputError(
-            f"ground-truth index {entries.max_item()} is out of range for {int(X.shape[0])} database items")
+            f"{Q.shape[0]} query descriptors but the ground truth has {entries.n_queries} queries")
+    if entries.n_images is not None and entries.n_images != n:
+        raise RetrievalInputError(f"{n} database descriptors but the ground truth lists {entries.n_images} images")
+    if entries.max_item() >= n:
+        raise RetrievalInputError(f"ground-truth index {entries.max_item()} is out of range for {n} database items")
+    return entries
+
+
+def _prepare(Q, X, gnd):
+    entries = check_against_gnd(Q, X, gnd)
     device, dtype = pick_device(Q, X), compute_dtype(Q, X)
     return entries, device, dtype, to_tensor(Q).to(device=device, dtype=dtype)
 
@@ -171,7 +184,7 @@ def tail_positions(Q, X, ranks, gnd, *, chunk_size: int | None = None) -> TailPo
     """Full-ranking positions of the positives/junk that ``ranks`` (nq, k) leaves out, counted in
     one chunked pass over ``X`` (a tensor, array or fp16 ``np.memmap``); no pass when none is
     left out. See the module docstring for the ranking this defines."""
-    entries, device, dtype, q_all = _prepare(Q, X, gnd, chunk_size)
+    entries, device, dtype, q_all = _prepare(Q, X, gnd)
     n = int(X.shape[0])
     r = check_topk(ranks, entries, n)
     inside = positions_in_topk(r, entries.query, entries.item, n) >= 0
@@ -198,7 +211,7 @@ def search_with_tail(Q, X, k: int, gnd, *, chunk_size: int | None = None
     All gnd items' ranks are counted while the top-k is found; afterwards the top-k's own
     contributions are subtracted. (A gnd item's score is its gathered ``q · x``, also as returned.)
     """
-    entries, device, dtype, q_all = _prepare(Q, X, gnd, chunk_size)
+    entries, device, dtype, q_all = _prepare(Q, X, gnd)
     n = int(X.shape[0])
     k = check_k(k, n)
     codes = np.unique(entries.query * n + entries.item)

@@ -63,7 +63,7 @@ TOWER_ROOFS = ("spire", "dome", "crenel", "onion", "hip", "flat", "stepped")
 UNIT = 320            # size unit of a landmark's proportions (px)
 CANVAS = 640          # canonical canvas side (px) before cropping to the silhouette
 GROUND_Y = 620        # the landmark stands on this row of the canvas
-MAX_SIDE = 288        # a cropped canvas larger than this is downsampled (area) to it
+MAX_SIDE = 224        # a cropped canvas larger than this is downsampled (area) to it
 
 
 def _jitter_colour(rng: np.random.Generator, rgb, amount: float = 12.0) -> tuple:
@@ -118,14 +118,14 @@ class LandmarkSpec:
 
 
 def _sample_block(rng: np.random.Generator, tall: bool) -> BlockStyle:
-    floors = int(rng.integers(3, 8) if tall else rng.integers(1, 6))
-    cols = int(rng.integers(1, 3) if tall else rng.integers(2, 9))
+    floors = int(rng.integers(2, 6) if tall else rng.integers(1, 5))
+    cols = int(rng.integers(1, 3) if tall else rng.integers(2, 7))
     return BlockStyle(
         floors=floors,
         cols=cols,
         window=str(rng.choice(WINDOW_SHAPES)),
-        window_w=float(rng.uniform(0.3, 0.7)),
-        window_h=float(rng.uniform(0.4, 0.75)),
+        window_w=float(rng.uniform(0.4, 0.75)),
+        window_h=float(rng.uniform(0.45, 0.8)),
         framed=bool(rng.random() < 0.5),
         pilasters=bool(rng.random() < 0.4),
         cornices=bool(rng.random() < 0.6),
@@ -145,7 +145,7 @@ def sample_landmark(rng: np.random.Generator) -> LandmarkSpec:
         height=float(rng.uniform(0.25, 0.55)),
         main=main,
         texture=str(rng.choice(TEXTURES)),
-        texture_period=int(rng.integers(5, 14)),
+        texture_period=int(rng.integers(10, 23)),
         wall=wall,
         trim=_shade(wall, trim_factor),
         roof_colour=_jitter_colour(rng, ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))]),
@@ -207,26 +207,26 @@ def _texture(img, x0, y0, x1, y1, kind, period, wall, trim):
     p = max(3, period)
     if kind == "bricks":
         for r, y in enumerate(range(0, h, p // 2 + 2)):
-            cv2.line(layer, (0, y), (w, y), dark, 1)
+            cv2.line(layer, (0, y), (w, y), dark, 2)
             off = (r % 2) * p
             for x in range(off, w, 2 * p):
-                cv2.line(layer, (x, y), (x, y + p // 2 + 2), dark, 1)
+                cv2.line(layer, (x, y), (x, y + p // 2 + 2), dark, 2)
     elif kind == "bands":
         for y in range(0, h, 2 * p):
             cv2.rectangle(layer, (0, y), (w, y + p - 1), trim, -1)
     elif kind == "ribs":
         for x in range(p // 2, w, p):
-            cv2.line(layer, (x, 0), (x, h), dark, 2)
+            cv2.line(layer, (x, 0), (x, h), dark, 3)
     elif kind == "blocks":
         for y in range(0, h, 2 * p):
-            cv2.line(layer, (0, y), (w, y), dark, 1)
+            cv2.line(layer, (0, y), (w, y), dark, 2)
         for r, y in enumerate(range(0, h, 2 * p)):
             for x in range((r % 2) * 2 * p, w, 4 * p):
-                cv2.line(layer, (x, y), (x, y + 2 * p), dark, 1)
+                cv2.line(layer, (x, y), (x, y + 2 * p), dark, 2)
     elif kind == "lattice":
         for k in range(-h, w, 2 * p):
-            cv2.line(layer, (k, 0), (k + h, h), dark, 1, _AA)
-            cv2.line(layer, (k + h, 0), (k, h), dark, 1, _AA)
+            cv2.line(layer, (k, 0), (k + h, h), dark, 2, _AA)
+            cv2.line(layer, (k + h, 0), (k, h), dark, 2, _AA)
     elif kind == "checker":
         for r, y in enumerate(range(0, h, p)):
             for c, x in enumerate(range(0, w, p)):
@@ -235,7 +235,7 @@ def _texture(img, x0, y0, x1, y1, kind, period, wall, trim):
     elif kind == "dots":
         for r, y in enumerate(range(p // 2, h, p)):
             for x in range(p // 2 + (r % 2) * (p // 2), w, p):
-                cv2.circle(layer, (x, y), max(1, p // 5), dark, -1, _AA)
+                cv2.circle(layer, (x, y), max(2, p // 4), dark, -1, _AA)
     img[y0:y1, x0:x1] = layer
 
 

@@ -75,20 +75,20 @@ def sample_view(rng: np.random.Generator, category: str, long_side: int) -> View
         gain, cast_amp, gamma, sat, shading = u(0.9, 1.1), 0.05, u(0.9, 1.1), u(0.9, 1.1), u(0, 0.1)
         blur, motion, noise = u(0, 0.4), 0, u(0, 2)
     elif category == "easy":
-        scale, yaw, pitch, roll = u(0.5, 0.9), u(-0.2, 0.2), u(0.0, 0.12), u(-3, 3)
+        scale, yaw, pitch, roll = u(0.6, 0.95), u(-0.2, 0.2), u(0.0, 0.12), u(-3, 3)
         cx, cy = u(0.4, 0.6), u(0.42, 0.58)
         occ, occ_size, wall = int(rng.integers(0, 3)), u(0.1, 0.25), 0.0
         gain, cast_amp, gamma, sat, shading = u(0.8, 1.2), 0.08, u(0.85, 1.15), u(0.8, 1.15), u(0, 0.2)
         blur, motion, noise = u(0, 0.6), 0, u(0, 3)
     elif category == "hard":
         zoom = rng.random() < 0.35
-        scale = u(0.95, 1.5) if zoom else u(0.35, 0.7)
-        yaw, pitch, roll = sgn() * u(0.2, 0.5), u(0.0, 0.28), u(-8, 8)
+        scale = u(1.0, 1.4) if zoom else u(0.45, 0.75)
+        yaw, pitch, roll = sgn() * u(0.15, 0.45), u(0.0, 0.25), u(-8, 8)
         cx = u(0.3, 0.7) if not zoom else u(0.2, 0.8)
         cy = u(0.35, 0.65) if not zoom else u(0.3, 0.7)
         occ, occ_size = int(rng.integers(1, 5)), u(0.2, 0.5)
         wall = u(0.1, 0.3) if rng.random() < 0.3 else 0.0
-        night = rng.random() < 0.25
+        night = rng.random() < 0.2
         gain = u(0.35, 0.55) if night else u(0.55, 1.5)
         cast_amp, gamma, sat, shading = 0.22, u(0.6, 1.6), u(0.4, 1.3), u(0.1, 0.5)
         blur, motion, noise = u(0.3, 1.3), int(rng.choice([0, 0, 3, 5])), u(1, 6)
