@@ -213,19 +213,20 @@ class GndEntries:
             gnd = gnd["gnd"]
         if not isinstance(gnd, Sequence) or isinstance(gnd, (str, bytes)):
             raise GroundTruthError(f"ground truth must be a list with one dict per query, got {type(gnd).__name__}")
-        items, counts = [], np.zeros((len(gnd), len(CATEGORIES)), dtype=np.int64)
+        items, lengths = [], []
         for qi, entry in enumerate(gnd):
             if not isinstance(entry, Mapping):
                 raise GroundTruthError(f"gnd[{qi}] must be a dict, got {type(entry).__name__}")
-            for ci, cat in enumerate(CATEGORIES):
-                if cat not in entry:
-                    raise GroundTruthError(f"gnd[{qi}] lacks key '{cat}' (needs easy, hard, junk)")
-                v = entry[cat]
-                if not (type(v) is np.ndarray and v.dtype == np.int64 and v.ndim == 1):  # noqa: E721
+            for cat in CATEGORIES:
+                v = entry.get(cat)
+                if type(v) is not np.ndarray or v.dtype != np.int64 or v.ndim != 1:  # not already clean
+                    if cat not in entry:
+                        raise GroundTruthError(f"gnd[{qi}] lacks key '{cat}' (needs easy, hard, junk)")
                     v = index_array(v, f"gnd[{qi}]['{cat}']", None)
                 items.append(v)
-                counts[qi, ci] = v.shape[0]
-        flat_counts = counts.ravel()
+                lengths.append(v.shape[0])
+        flat_counts = np.array(lengths, dtype=np.int64)
+        counts = flat_counts.reshape(len(gnd), len(CATEGORIES))
         item = np.concatenate(items) if items else np.zeros(0, np.int64)
         query = np.repeat(np.repeat(np.arange(len(gnd)), len(CATEGORIES)), flat_counts)
         category = np.repeat(np.tile(np.arange(len(CATEGORIES), dtype=np.int8), len(gnd)), flat_counts)

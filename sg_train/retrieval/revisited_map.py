@@ -42,51 +42,68 @@ def _check_kappas(kappas: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(k) for k in kappas)
 
 
+# Per protocol (rows, PROTOCOLS order): the category bits counted as positives and as junk, and
+# which categories (columns, CATEGORIES order) make up the positives list.
+_PROTOCOL_NAMES = tuple(PROTOCOLS)
+_OK_BITS = np.array([sum(int(_BITS[c]) for c in ok) for ok, _ in PROTOCOLS.values()], dtype=np.uint8)
+_JUNK_BITS = np.array([sum(int(_BITS[c]) for c in junk) for _, junk in PROTOCOLS.values()], dtype=np.uint8)
+_OK_CATEGORIES = np.array([[c in ok for c in CATEGORIES] for ok, _ in PROTOCOLS.values()], dtype=np.int64)
+
+
 def _metrics(q: np.ndarray, pos: np.ndarray, bits: np.ndarray, entries: GndEntries,
              kappas: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     """E/M/H mAP and mP@k from the ranked positions that hold gnd items.
 
     ``q``, ``pos`` (0-based position in the ranking) and ``bits`` (categories of the item
-    there, ``_BITS``) list every such position, sorted by (q, pos).
+    there, ``_BITS``) list every such position, sorted by (q, pos). The three protocols are
+    handled together: group ``g = protocol * nq + query``.
     """
-    nq = entries.n_queries
-    all_q = np.arange(nq)
-    q_start = np.searchsorted(q, all_q)                # first element of each query
-    results: dict[str, dict[str, Any]] = {}
-    for name, (ok_cats, junk_cats) in PROTOCOLS.items():
-        is_junk = (bits & sum(int(_BITS[c]) for c in junk_cats)) != 0
-        ok_idx = np.flatnonzero(bits & sum(int(_BITS[c]) for c in ok_cats))
-        junk_before = np.concatenate(([0], np.cumsum(is_junk)))  # junk among elements [0, i)
-        oq = q[ok_idx]
-        # position with the query's junk ranked before it removed, and j-th positive of its query
-        r = pos[ok_idx] - junk_before[ok_idx] + junk_before[q_start][oq]
-        ok_start = np.searchsorted(oq, all_q)
-        j = np.arange(ok_idx.shape[0]) - ok_start[oq]
-        n_ok = entries.counts[:, [CATEGORIES.index(c) for c in ok_cats]].sum(axis=1)
-        p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1))
-        p1 = (j + 1) / (r + 1)
-        ap = np.bincount(oq, weights=(p0 + p1) / (2.0 * n_ok[oq]), minlength=nq)
-        valid = n_ok > 0
-        n_valid = int(valid.sum())
+    nq, n, n_prot = entries.n_queries, q.shape[0], len(_PROTOCOL_NAMES)
+    n_groups = n_prot * nq
+    is_junk = (bits[None, :] & _JUNK_BITS[:, None]) != 0                  # (protocol, element)
+    junk_before = np.zeros((n_prot, n + 1), dtype=np.int64)                # junk among elements [0, i)
+    np.cumsum(is_junk, axis=1, out=junk_before[:, 1:])
+    junk_before = junk_before.ravel()
+    flat = np.flatnonzero(bits[None, :] & _OK_BITS[:, None])              # positives, by (protocol, e)
+    prot = flat // n
+    e = flat - prot * n
+    oq = q[e]
+    group = prot * nq + oq                                                 # sorted
+    q_start = np.searchsorted(q, np.arange(nq))                            # first element of each query
+    # position with the query's junk ranked before it removed, and j-th positive of its group
+    row = prot * (n + 1)
+    r = pos[e] - junk_before[row + e] + junk_before[row + q_start[oq]]
+    all_g = np.arange(n_groups)
+    g_start = np.searchsorted(group, all_g)
+    g_end = np.searchsorted(group, all_g, side="right")
+    j = np.arange(group.shape[0]) - g_start[group]
+    n_ok = (_OK_CATEGORIES @ entries.counts.T).ravel()                      # list length per group
+    p0 = (j + (r == 0)) / np.maximum(r, 1)                                # 1 if r == 0 (then j == 0) else j / r
+    p1 = (j + 1) / (r + 1)
+    nonempty = g_end > g_start
+    ap = np.zeros(n_groups)
+    if group.size:  # per-group sums over the sorted, contiguous segments
+        ap[nonempty] = np.add.reduceat(p0 + p1, g_start[nonempty])
+    ap /= 2.0 * np.maximum(n_ok, 1)
 
-        # mP@k on 1-based positions, which rise with j: a query's last positive is its max.
-        pos1 = r + 1
-        ok_end = np.searchsorted(oq, all_q, side="right")
-        max_pos = np.where(ok_end > ok_start, pos1[np.maximum(ok_end - 1, 0)] if pos1.size else 0, 0)
-        span = int(pos1.max()) + 1 if pos1.size else 1
-        keys = oq * span + pos1                         # sorted
-        mp = {}
-        for kap in kappas:
-            kq = np.minimum(max_pos, kap)
-            hits = np.searchsorted(keys, all_q * span + kq, side="right") - ok_start
-            prec = hits / np.maximum(kq, 1)             # a query with no ranked positive: 0
-            mp[kap] = float(prec[valid].sum() / n_valid) if n_valid else float("nan")
-        results[name] = {
-            "mAP": float(ap[valid].sum() / n_valid) if n_valid else float("nan"),
-            "mP": mp,
-            "n_queries": n_valid,
-        }
-    return results
+    # mP@k on 1-based positions, which rise with j: a group's last positive is its max.
+    pos1 = r + 1
+    max_pos = np.where(nonempty, pos1[np.maximum(g_end - 1, 0)], 0) if pos1.size else np.zeros(n_groups, int)
+    span = int(pos1.max()) + 1 if pos1.size else 1
+    keys = group * span + pos1                                             # sorted
+    kq = np.minimum(max_pos[None, :], np.array(kappas)[:, None])           # (kappa, group)
+    hits = np.searchsorted(keys, all_g * span + kq, side="right") - g_start
+    prec = hits / np.maximum(kq, 1)                                        # no ranked positive: 0
+
+    # means over the queries that have positives, per protocol
+    valid = (n_ok > 0).reshape(n_prot, nq)
+    n_valid = valid.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):                   # a protocol without any: nan
+        m_ap = (ap.reshape(n_prot, nq) * valid).sum(axis=1) / n_valid
+        m_p = (prec.reshape(len(kappas), n_prot, nq) * valid).sum(axis=2) / n_valid
+    return {name: {"mAP": float(m_ap[i]), "mP": {kap: float(m_p[c, i]) for c, kap in enumerate(kappas)},
+                   "n_queries": int(n_valid[i])}
+            for i, name in enumerate(_PROTOCOL_NAMES)}
 
 
 def _category_bits(entries: GndEntries, n_items: int) -> np.ndarray:
@@ -125,11 +142,12 @@ def revisited_map(ranks, gnd, kappas: Sequence[int] = (1, 5, 10)) -> dict[str, d
     entries = GndEntries.from_gnd(gnd)
     kappas = _check_kappas(kappas)
     r = _ranks_numpy(ranks, entries.n_queries)
-    if entries.n_images is not None and r.size and int(r.max()) >= entries.n_images:
+    r_max = int(r.max()) if r.size else -1
+    if entries.n_images is not None and r_max >= entries.n_images:
         raise RetrievalInputError(
-            f"ranks hold database index {int(r.max())}, out of range for imlist of {entries.n_images} images")
+            f"ranks hold database index {r_max}, out of range for imlist of {entries.n_images} images")
     nq, length = r.shape
-    n_items = max(int(r.max()) + 1 if r.size else 0, entries.max_item() + 1, 1)
+    n_items = max(r_max + 1, entries.max_item() + 1, 1)
     table = _category_bits(entries, n_items).reshape(-1)
     marks = table[r + (np.arange(nq) * n_items)[:, None]].reshape(-1)   # categories at each position
     at = np.flatnonzero(marks != 0)                                     # sorted by (query, position)
