@@ -1,7 +1,18 @@
 #!/usr/bin/env python
-"""Evaluate image-retrieval descriptors on a Revisited Oxford/Paris-format benchmark.
+"""Evaluate image retrieval on Revisited Oxford/Paris-format benchmarks (+ R1M distractors).
 
     python evaluate.py --descriptors Q.npy X.npy --gnd gnd_roxford5k.pkl [--rerank] [--json out.json]
+    python evaluate.py --checkpoint runs/demo/checkpoints/last.ckpt --data-root data/synthetic/revisited \
+        --datasets rsynth [--rerank] [--scales 0.7071 1 1.4142] [--json out.json]
+    python evaluate.py --cvnet-weights CVPR2022_CVNet_R101.pyth --depth 101 --data-root data/revisitop \
+        --datasets roxford5k rparis6k --relu-plus --rgem --gemp --sgem --rerank [--r1m data/revisitop1m]
+
+Model mode extracts multi-scale descriptors (Scale-GeM over ``--scales`` when the head has it),
+caches them with ``--cache-dir`` (keyed by model and data, reused while both are unchanged), and
+with ``--r1m`` extracts the R1M distractors into a resumable fp16 memory map and reports
+``<dataset>+r1m`` too. ``--relu-plus --rgem --gemp --sgem`` switch SuperGlobal's components on.
+
+Descriptor mode:
 
 Q.npy holds the query descriptors (one row per query, in qimlist order), X.npy the database
 descriptors (imlist order); both L2-normalised, fp16/fp32 (X is memory-mapped, so an R1M-size
@@ -17,11 +28,32 @@ import json
 import math
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI at import otherwise
 
-from sg_train.retrieval import BACKENDS, INDEX_TYPES, dataset_name, evaluate_descriptors, format_results_table, load_gnd
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from datamodules.r1m import R1MDataset  # noqa: E402
+from datamodules.revisited import RevisitedDataset  # noqa: E402
+from sg_train.descriptor_cache import DescriptorCache, dataset_fingerprint, model_fingerprint  # noqa: E402
+from sg_train.extraction import extract_all  # noqa: E402
+from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
+from sg_train.model import EmbeddingModel  # noqa: E402
+from sg_train.r1m_extraction import R1MDescriptors, extract_r1m  # noqa: E402
+from sg_train.retrieval import (  # noqa: E402
+    BACKENDS,
+    INDEX_TYPES,
+    dataset_name,
+    evaluate_descriptors,
+    format_results_table,
+    load_gnd,
+)
+
+DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--descriptors", nargs=2, metavar=("Q.npy", "X.npy"),
                         help="query and database descriptors (.npy, rows in qimlist / imlist order)")
+    source.add_argument("--checkpoint", metavar="X.ckpt", help="an sg-train checkpoint (train.py)")
+    source.add_argument("--cvnet-weights", metavar="FILE", help="CVNet weights (what SuperGlobal evaluates); needs --depth")
     parser.add_argument("--gnd", metavar="FILE", help="ground truth gnd_<name>.pkl (needed with --descriptors)")
+    model = parser.add_argument_group("model mode (--checkpoint / --cvnet-weights)")
+    model.add_argument("--depth", type=int, choices=(50, 101), help="CVNet ResNet depth")
+    model.add_argument("--data-root", metavar="DIR", help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/")
+    model.add_argument("--datasets", nargs="+", metavar="NAME", help="e.g. roxford5k rparis6k")
+    model.add_argument("--r1m", metavar="DIR", help="revisitop1m folder (revisitop1m.txt + jpg/): add the 1M distractors")
+    model.add_argument("--r1m-out", metavar="DIR",
+                       help="where the R1M descriptors go (resumable; default <cache-dir>/r1m-<model fingerprint>)")
+    model.add_argument("--scales", nargs="+", type=float, default=list(DEFAULT_SCALES),
+                       help="extraction scales (default: 1/sqrt(2) 1 sqrt(2))")
+    model.add_argument("--max-size", type=int, help="shrink images so the longest side is at most this (default: as is)")
+    model.add_argument("--relu-plus", action="store_true", help="SuperGlobal ReLU+ (ResNets)")
+    model.add_argument("--rgem", action="store_true", help="add Regional-GeM to the head")
+    model.add_argument("--gemp", action="store_true", help="pool with GeM+ (p = 4.6)")
+    model.add_argument("--sgem", action="store_true", help="aggregate the scales with Scale-GeM")
+    model.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    model.add_argument("--batch-size", type=int, default=16, help="images per batch (equal-size images are batched)")
+    model.add_argument("--num-workers", type=int, default=4, help="image-loading workers")
+    model.add_argument("--cache-dir", metavar="DIR", help="cache descriptors here, keyed by model and data")
+    model.add_argument("--cache-fp16", action="store_true", help="store cached descriptors as float16")
+    model.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--rerank", action="store_true", help="also report SuperGlobal reranking")
     parser.add_argument("--json", metavar="FILE", help="write the numbers (values in [0, 1]) to this JSON file")
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="search backend (default: torch)")
@@ -70,6 +124,66 @@ def evaluate_descriptor_files(args: argparse.Namespace) -> dict[str, dict[str, A
     return {dataset_name(args.gnd): res}
 
 
+def load_model(args: argparse.Namespace) -> EmbeddingModel:
+    switches = {"rgem": args.rgem, "gemp": args.gemp, "sgem": args.sgem, "relu_plus": args.relu_plus, "scales": args.scales}
+    if args.checkpoint:
+        return model_from_checkpoint(args.checkpoint, **switches)
+    return model_from_cvnet(args.cvnet_weights, args.depth, **switches)
+
+
+def with_distractors(X: torch.Tensor, r1m: R1MDescriptors, path: Path) -> np.memmap:
+    """The database followed by the R1M rows that hold a descriptor, as one fp16 memory map at ``path``."""
+    valid = r1m.valid_indices
+    rows = X.shape[0] + len(valid)
+    combined = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, X.shape[1]))
+    combined[: X.shape[0]] = X.numpy().astype(np.float16)
+    step = 65536
+    for start in range(0, len(valid), step):
+        combined[X.shape[0] + start : X.shape[0] + start + step] = r1m.descriptors[valid[start : start + step]]
+    combined.flush()
+    return np.load(path, mmap_mode="r")
+
+
+def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    model = load_model(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format}
+    extraction = {"scales": args.scales, "batch_size": args.batch_size, "num_workers": args.num_workers,
+                  "device": device, "progress": not args.no_progress}
+    cache = DescriptorCache(args.cache_dir, dtype="float16" if args.cache_fp16 else "float32") if args.cache_dir else None
+    fingerprint = model_fingerprint(model) if cache is not None or args.r1m else None
+
+    def descriptors(dataset: RevisitedDataset) -> torch.Tensor:
+        def compute() -> torch.Tensor:
+            return extract_all(model, dataset, desc=f"{dataset.name} {dataset.split}", **extraction)
+
+        if cache is None:
+            return compute()
+        key = {"model": fingerprint, "scales": list(args.scales), "data": dataset_fingerprint(dataset)}
+        return cache.get_or_compute(key, compute)
+
+    r1m = None
+    if args.r1m:
+        out = Path(args.r1m_out or Path(args.cache_dir) / f"r1m-{fingerprint[:16]}")
+        distractors = R1MDataset(args.r1m, **preprocessing, progress=not args.no_progress)
+        r1m = extract_r1m(model, distractors, out, **extraction)
+    results: dict[str, dict[str, Any]] = {}
+    search = {"rerank": args.rerank, "M": args.M, "K": args.K, "beta": args.beta, "backend": args.backend,
+              "topk": args.topk, "faiss_index": args.faiss_index}
+    for name in args.datasets:
+        queries = RevisitedDataset(args.data_root, name, "query", **preprocessing, max_size=args.max_size)
+        database = RevisitedDataset(args.data_root, name, "database", **preprocessing, max_size=args.max_size)
+        Q, X = descriptors(queries), descriptors(database)
+        results[name] = evaluate_descriptors(Q, X, queries.gnd, **search)
+        if r1m is not None:
+            with tempfile.TemporaryDirectory(dir=r1m.out_dir) as scratch:
+                combined = with_distractors(X, r1m, Path(scratch) / "database+r1m.npy")
+                results[f"{name}+r1m"] = evaluate_descriptors(Q, combined, queries.gnd["gnd"], **search)
+                del combined
+    return results
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -88,8 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.descriptors is not None and args.gnd is None:
         parser.error("--descriptors needs --gnd FILE")
+    if args.descriptors is None and not (args.data_root and args.datasets):
+        parser.error("--checkpoint / --cvnet-weights need --data-root DIR and --datasets NAME ...")
+    if args.cvnet_weights and args.depth is None:
+        parser.error("--cvnet-weights needs --depth 50|101")
+    if args.r1m and not (args.r1m_out or args.cache_dir):
+        parser.error("--r1m needs --r1m-out DIR or --cache-dir DIR for its 1M descriptors")
     try:
-        results = evaluate_descriptor_files(args)
+        results = evaluate_descriptor_files(args) if args.descriptors else evaluate_model(args)
         print(format_results_table(results))
         if args.json:
             with open(args.json, "w") as fh:
