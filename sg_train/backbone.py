@@ -18,7 +18,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ __all__ = [
     "load_backbone_weights",
     "classifier_prefixes",
     "describe_keys",
+    "state_dict_mismatches",
     "natural_key",
 ]
 
@@ -163,6 +164,31 @@ def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return (cls,) if isinstance(cls, str) else tuple(cls)
 
 
+def state_dict_mismatches(
+    expected: Mapping[str, Tensor], given: Mapping[str, Tensor], *, droppable: Callable[[str], bool] = lambda key: False
+) -> list[str]:
+    """Why ``given`` does not fit a model whose state dict is ``expected`` (empty when it fits).
+
+    Lists keys missing from ``given`` (BatchNorm ``num_batches_tracked`` may be), keys the model
+    does not have (unless ``droppable``) and wrong shapes.
+    """
+    unexpected = sorted(k for k in given if k not in expected and not droppable(k))
+    missing = sorted(k for k in expected if k not in given and not k.endswith("num_batches_tracked"))
+    wrong_shape = sorted(
+        f"{k} (file {tuple(given[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing from the file: {describe_keys(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {describe_keys(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shape: {describe_keys(wrong_shape)}")
+    return problems
+
+
 def load_backbone_weights(
     model: nn.Module,
     weights: str | os.PathLike | Mapping[str, Tensor],
@@ -182,20 +208,7 @@ def load_backbone_weights(
     cls = classifier_prefixes(model)
     is_classifier = lambda k: any(k == c or k.startswith(c + ".") for c in cls)  # noqa: E731
     dropped = sorted(k for k in state if k not in expected and is_classifier(k))
-    unexpected = sorted(k for k in state if k not in expected and not is_classifier(k))
-    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
-    wrong_shape = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing from the file: {describe_keys(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {describe_keys(unexpected)}")
-    if wrong_shape:
-        problems.append(f"wrong shape: {describe_keys(wrong_shape)}")
+    problems = state_dict_mismatches(expected, state, droppable=is_classifier)
     if problems:
         raise WeightsMismatchError(
             f"weights {source} do not fit backbone {label!r} (nothing was loaded): " + "; ".join(problems)

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from sg_train.backbone import state_dict_mismatches
+
 MODEL_PREFIX = "model."
 LOSS_PREFIX = "loss_fn."
 
@@ -40,30 +42,11 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[s
     return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
-def _describe(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
-
-
 def check_exact_fit(target: nn.Module, source: dict[str, torch.Tensor], what: str) -> None:
     """Raise naming every missing, unexpected or wrongly shaped key of ``source`` for ``target``."""
-    own = target.state_dict()
-    missing = sorted(set(own) - set(source))
-    unexpected = sorted(set(source) - set(own))
-    mismatched = sorted(
-        f"{key} {tuple(source[key].shape)} vs {tuple(own[key].shape)}"
-        for key in set(own) & set(source)
-        if source[key].shape != own[key].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_describe(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_describe(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches (checkpoint vs model): {_describe(mismatched)}")
+    problems = state_dict_mismatches(target.state_dict(), source)
     if problems:
-        raise ValueError(f"{what} does not fit the configured model; " + "; ".join(problems))
+        raise ValueError(f"{what} does not fit the configured model (nothing was loaded); " + "; ".join(problems))
 
 
 def transfer_class_weights(

@@ -80,7 +80,7 @@ def test_checkpoint_without_the_expected_keys_is_refused(checkpoint, synthetic_d
     broken = tmp_path / "broken.ckpt"
     torch.save(saved, broken)
     assert evaluate.main(["--checkpoint", str(broken), *common_args(synthetic_data, tmp_path / "x.json")]) == 1
-    assert "missing keys: fc.bias" in capsys.readouterr().err
+    assert "missing from the file: 1 key: fc.bias" in capsys.readouterr().err
     torch.save({"state_dict": {}}, broken)
     assert evaluate.main(["--checkpoint", str(broken), *common_args(synthetic_data, tmp_path / "x.json")]) == 1
     assert "hyper-parameters" in capsys.readouterr().err

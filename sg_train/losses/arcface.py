@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MarginLoss, _check_scale_margin
+from .base import FixedMarginLoss, MarginLoss, _check_scale_margin
 from .margins import arcface_target, dynamic_margins, replace_target
 
 __all__ = ["ArcFace", "DynamicArcFace", "SubCenterArcFace"]
 
 
-class ArcFace(MarginLoss):
+class ArcFace(FixedMarginLoss):
     """ArcFace (Deng et al., 2019).
 
     Target logit ``s·cos(θ_y + m)`` where ``cos θ_y > cos(π − m)``, else ``s·(cos θ_y − m·sin m)``;
@@ -20,20 +20,11 @@ class ArcFace(MarginLoss):
     def __init__(
         self, embedding_dim: int, num_classes: int, s: float = 30.0, m: float = 0.15, k: int = 1
     ) -> None:
-        _check_scale_margin(s, m)
-        super().__init__(embedding_dim, num_classes, k)
-        self.s = float(s)
-        self.m = float(m)
+        super().__init__(embedding_dim, num_classes, s, m, k)
 
     def logits(self, cos: Tensor, labels: Tensor) -> Tensor:
         cos_y = cos.gather(1, labels.view(-1, 1)).squeeze(1)
         return self.s * replace_target(cos, labels, arcface_target(cos_y, self.m))
-
-    def live_stats(self) -> dict[str, float | Tensor]:
-        return {"scale": self.s, "margin": self.m}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, s={self.s}, m={self.m}"
 
 
 class SubCenterArcFace(ArcFace):

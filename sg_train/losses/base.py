@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .cosine import class_cosine
 
-__all__ = ["MarginLoss", "MarginOutput"]
+__all__ = ["FixedMarginLoss", "MarginLoss", "MarginOutput"]
 
 
 class MarginOutput(NamedTuple):
@@ -103,3 +103,19 @@ def _check_scale_margin(s: float, m: float | None = None) -> None:
         raise ValueError(f"scale s must be a positive number, got {s}")
     if m is not None and not (math.isfinite(m) and 0 <= m < math.pi):
         raise ValueError(f"margin m must lie in [0, π), got {m}")
+
+
+class FixedMarginLoss(MarginLoss):
+    """A margin loss with a fixed scale ``s`` and margin ``m`` (ArcFace, CosFace, CurricularFace)."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, s: float, m: float, k: int = 1) -> None:
+        _check_scale_margin(s, m)
+        super().__init__(embedding_dim, num_classes, k)
+        self.s = float(s)
+        self.m = float(m)
+
+    def live_stats(self) -> dict[str, float | Tensor]:
+        return {"scale": self.s, "margin": self.m}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, s={self.s}, m={self.m}"

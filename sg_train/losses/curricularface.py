@@ -6,13 +6,13 @@ import math
 import torch
 from torch import Tensor
 
-from .base import MarginLoss, _check_scale_margin
+from .base import FixedMarginLoss
 from .margins import arcface_target, curricular_hard_negatives, replace_target, sin_from_cos
 
 __all__ = ["CurricularFace"]
 
 
-class CurricularFace(MarginLoss):
+class CurricularFace(FixedMarginLoss):
     """CurricularFace: ArcFace target plus an adaptive curriculum on hard negatives.
 
     - target logit: ArcFace's, ``s·cos(θ_y + m)`` or the fallback ``s·(cos θ_y − m·sin m)``
@@ -39,12 +39,9 @@ class CurricularFace(MarginLoss):
         momentum: float = 0.01,
         k: int = 1,
     ) -> None:
-        _check_scale_margin(s, m)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-        super().__init__(embedding_dim, num_classes, k)
-        self.s = float(s)
-        self.m = float(m)
+        super().__init__(embedding_dim, num_classes, s, m, k)
         self.momentum = float(momentum)
         self.register_buffer("t", torch.zeros(()))
 
@@ -59,7 +56,4 @@ class CurricularFace(MarginLoss):
         return self.s * replace_target(negatives, labels, arcface_target(cos_y, self.m))
 
     def live_stats(self) -> dict[str, float | Tensor]:
-        return {"scale": self.s, "margin": self.m, "t": self.t.detach()}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, s={self.s}, m={self.m}"
+        return {**super().live_stats(), "t": self.t.detach()}
