@@ -43,7 +43,7 @@ from sg_train.descriptor_cache import DescriptorCache, dataset_fingerprint, mode
 from sg_train.extraction import extract_all  # noqa: E402
 from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
 from sg_train.model import EmbeddingModel  # noqa: E402
-from sg_train.r1m_extraction import R1MDescriptors, extract_r1m  # noqa: E402
+from sg_train.r1m_extraction import R1MDescriptors, R1MExtractionError, extract_r1m  # noqa: E402
 from sg_train.retrieval import (  # noqa: E402
     BACKENDS,
     INDEX_TYPES,
@@ -166,8 +166,11 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     r1m = None
     if args.r1m:
         out = Path(args.r1m_out or Path(args.cache_dir) / f"r1m-{fingerprint[:16]}")
-        distractors = R1MDataset(args.r1m, **preprocessing, progress=not args.no_progress)
-        r1m = extract_r1m(model, distractors, out, **extraction)
+        try:  # finished before: skip reading a million image headers
+            r1m = R1MDescriptors.open(out, model=model)
+        except R1MExtractionError:
+            distractors = R1MDataset(args.r1m, **preprocessing, progress=not args.no_progress)
+            r1m = extract_r1m(model, distractors, out, **extraction)
     results: dict[str, dict[str, Any]] = {}
     search = {"rerank": args.rerank, "M": args.M, "K": args.K, "beta": args.beta, "backend": args.backend,
               "topk": args.topk, "faiss_index": args.faiss_index}
