@@ -180,7 +180,7 @@ def generate(out_dir, *, seed: int = 0, train_landmarks: int = 300, views_per_la
     train_cats: list[list[str]] = []
     for L in range(train_landmarks):
         cats = [str(c) for c in plan.choice(["easy", "hard", "junk"], size=views_per_landmark,
-                                            p=[0.55, 0.40, 0.05])]
+                                            p=[0.62, 0.35, 0.03])]
         ids = [writers.hex_id("sg-synth", seed, TRAIN, L, k) for k in range(views_per_landmark)]
         train_rows += [(i, int(lm_ids[L])) for i in ids]
         train_cats.append(cats)

@@ -1,11 +1,11 @@
 """Procedural landmark scenes: a landmark's canonical picture and the scene parts around it.
 
 A *landmark* is a :class:`LandmarkSpec` drawn from its own random generator: a main block
-with floors of windows, a wall texture, a roof, optional side towers / wings and a central
-feature, all coloured from shared palettes. Every attribute comes from one small shared
-vocabulary (window shapes, textures, roofs, features, colours), so landmarks share
-structure families and differ in how the parts combine: colour or coarse shape alone do not
-identify one, its arrangement of parts does.
+with floors of windows, a wall texture, a roof, optional side towers / wings, a central
+feature and an emblem, all coloured from shared palettes. Every attribute comes from one
+small shared vocabulary (window shapes, textures, roofs, features, emblems, colours), so
+landmarks share structure families and differ in how the parts combine: colour or coarse
+shape alone do not identify one, its arrangement of parts does.
 
 :func:`render_landmark` draws a spec once, front-on, as an RGBA canvas (alpha = the
 landmark's silhouette); :mod:`sg_train.synthetic.views` warps that canvas into each view.
@@ -59,6 +59,16 @@ TEXTURES = ("plain", "bricks", "bands", "ribs", "blocks", "lattice", "checker", 
 ROOFS = ("flat", "gable", "dome", "spire", "crenel", "hip", "onion", "stepped", "mansard")
 FEATURES = ("none", "door", "rose", "clock", "portico", "gate", "arcade")
 TOWER_ROOFS = ("spire", "dome", "crenel", "onion", "hip", "flat", "stepped")
+EMBLEMS = ("none", "circle", "diamond", "star", "triangle", "shield", "stripes", "cross")
+ACCENT_COLOURS = (
+    (176, 36, 40),    # red
+    (40, 70, 150),    # blue
+    (222, 180, 48),   # gold
+    (40, 120, 70),    # green
+    (245, 245, 240),  # white
+    (28, 28, 32),     # black
+    (120, 50, 130),   # purple
+)
 
 UNIT = 320            # size unit of a landmark's proportions (px)
 CANVAS = 640          # canonical canvas side (px) before cropping to the silhouette
@@ -114,6 +124,10 @@ class LandmarkSpec:
     wing_h: float
     plinth: float
     asym_shift: float     # horizontal offset of the central feature (fraction of width)
+    emblem: str = "none"  # a large sign / coat of arms on the facade
+    emblem_colour: tuple = (0, 0, 0)
+    emblem_pos: tuple = (0.5, 0.3)  # centre, fractions of the main block (x, y)
+    emblem_size: float = 0.15       # fraction of the main block width
     extras: list = field(default_factory=list)
 
 
@@ -138,7 +152,7 @@ def sample_landmark(rng: np.random.Generator) -> LandmarkSpec:
     """Draw one landmark's identity from the shared vocabulary."""
     main = _sample_block(rng, tall=False)
     towers = int(rng.choice([0, 0, 1, 2, 2]))
-    wall = _jitter_colour(rng, WALL_COLOURS[rng.integers(len(WALL_COLOURS))])
+    wall = _jitter_colour(rng, WALL_COLOURS[rng.integers(len(WALL_COLOURS))], 20)
     trim_factor = float(rng.choice([0.7, 0.8, 1.15, 1.25]))
     return LandmarkSpec(
         width=float(rng.uniform(0.45, 0.8)),
@@ -148,7 +162,7 @@ def sample_landmark(rng: np.random.Generator) -> LandmarkSpec:
         texture_period=int(rng.integers(10, 23)),
         wall=wall,
         trim=_shade(wall, trim_factor),
-        roof_colour=_jitter_colour(rng, ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))]),
+        roof_colour=_jitter_colour(rng, ROOF_COLOURS[rng.integers(len(ROOF_COLOURS))], 18),
         window_colour=_jitter_colour(rng, WINDOW_COLOURS[rng.integers(len(WINDOW_COLOURS))], 8),
         feature=str(rng.choice(FEATURES)),
         towers=towers,
@@ -160,6 +174,10 @@ def sample_landmark(rng: np.random.Generator) -> LandmarkSpec:
         wing_h=float(rng.uniform(0.4, 0.7)),
         plinth=float(rng.uniform(0.0, 0.12)),
         asym_shift=float(rng.choice([0.0, 0.0, rng.uniform(-0.25, 0.25)])),
+        emblem=str(rng.choice(EMBLEMS)),
+        emblem_colour=_jitter_colour(rng, ACCENT_COLOURS[rng.integers(len(ACCENT_COLOURS))], 10),
+        emblem_pos=(float(rng.choice([0.2, 0.5, 0.8])), float(rng.uniform(0.2, 0.6))),
+        emblem_size=float(rng.uniform(0.14, 0.24)),
         extras=[str(x) for x in rng.choice(["statue", "flag", "balustrade", "finials", "buttress"],
                                            size=int(rng.integers(0, 3)), replace=False)],
     )
@@ -349,6 +367,31 @@ def _block(img, alpha, x0, y0, x1, y1, st: BlockStyle, spec: LandmarkSpec, skip_
     return _roof(img, alpha, x0, x1, y0, st.roof, st.roof_h * w, spec.roof_colour, spec.trim)
 
 
+def _emblem(img, cx, cy, r, kind, colour, trim):
+    """A large sign on the facade: a plain shape on a trim-coloured backing."""
+    _ellipse(img, cx, cy, 1.15 * r, 1.15 * r, trim) if kind in ("circle", "star") else \
+        _rect(img, cx - 1.1 * r, cy - 1.1 * r, cx + 1.1 * r, cy + 1.1 * r, trim)
+    if kind == "circle":
+        _ellipse(img, cx, cy, r, r, colour)
+    elif kind == "diamond":
+        _poly(img, [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], colour)
+    elif kind == "star":
+        a = np.arange(10) * np.pi / 5 - np.pi / 2
+        rad = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        _poly(img, np.stack([cx + rad * np.cos(a), cy + rad * np.sin(a)], 1), colour)
+    elif kind == "triangle":
+        _poly(img, [(cx - r, cy + 0.8 * r), (cx, cy - r), (cx + r, cy + 0.8 * r)], colour)
+    elif kind == "shield":
+        _poly(img, [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + 0.2 * r), (cx, cy + r),
+                    (cx - r, cy + 0.2 * r)], colour)
+    elif kind == "stripes":
+        for k in range(3):
+            _rect(img, cx - r, cy - r + k * 0.7 * r, cx + r, cy - r + k * 0.7 * r + 0.35 * r, colour)
+    elif kind == "cross":
+        _rect(img, cx - 0.3 * r, cy - r, cx + 0.3 * r, cy + r, colour)
+        _rect(img, cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r, colour)
+
+
 def render_landmark(spec: LandmarkSpec) -> np.ndarray:
     """Draw a landmark front-on; returns an ``(h, w, 4)`` uint8 RGBA canvas cropped to it."""
     S, U = CANVAS, UNIT
@@ -431,6 +474,9 @@ def render_landmark(spec: LandmarkSpec) -> np.ndarray:
             ax = x0 + (k + 0.5) * aw
             _rect(img, ax - 0.3 * aw, y1 - 0.6 * fh, ax + 0.3 * aw, y1, (30, 30, 34))
             _ellipse(img, ax, y1 - 0.6 * fh, 0.3 * aw, 0.3 * aw, (30, 30, 34), a0=180, a1=360)
+    if spec.emblem != "none":
+        _emblem(img, x0 + spec.emblem_pos[0] * bw, y0 + spec.emblem_pos[1] * bh,
+                0.5 * spec.emblem_size * bw, spec.emblem, spec.emblem_colour, spec.trim)
     for extra in spec.extras:
         if extra == "statue":
             sx, sy = cx, top
@@ -502,7 +548,7 @@ def background(rng: np.random.Generator, h: int, w: int, horizon: int | None = N
 def skyline(img: np.ndarray, rng: np.random.Generator, horizon: int, n: int | None = None) -> None:
     """Distant buildings along the horizon (desaturated, low contrast)."""
     h, w = img.shape[:2]
-    n = int(rng.integers(0, 7)) if n is None else n
+    n = int(rng.integers(0, 5)) if n is None else n
     for _ in range(n):
         bw = rng.uniform(0.06, 0.25) * w
         bh = rng.uniform(0.05, 0.35) * h

@@ -4,8 +4,8 @@
 
 ``query``  front-on, large, unoccluded, mild light (the benchmark's query images);
 ``easy``   mild change from the query: small viewpoint/scale change, little occlusion;
-``hard``   strong viewpoint (perspective up to ±50 %), scale (zoomed out or cropped in),
-           illumination (dusk/night, strong colour cast), blur and occlusion;
+``hard``   one or two strong changes among viewpoint (perspective), scale (zoomed out or
+           cropped in), illumination (dusk/night, strong colour cast), occlusion and blur;
 ``junk``   barely visible: tiny, mostly cropped out, heavily occluded or extreme angle.
 
 :func:`render_view` renders it at twice the output size, downsamples (area), then applies
@@ -24,6 +24,7 @@ from .render import background, clutter_object, generic_building, skyline
 SUPERSAMPLE = 2
 ASPECTS = (4 / 3, 3 / 2, 16 / 10, 1.0, 3 / 4, 2 / 3, 5 / 4, 4 / 5)  # width / height
 CATEGORIES = ("query", "easy", "hard", "junk")
+HARD_FACTORS = ("viewpoint", "scale", "light", "occlusion", "blur")
 
 
 @dataclass
@@ -51,7 +52,6 @@ class View:
     motion: int           # motion-blur kernel length (0: none)
     noise: float
     quality: int          # JPEG quality
-    flip: bool = False
 
 
 def image_size(rng: np.random.Generator, long_side: int) -> tuple[int, int]:
@@ -69,29 +69,44 @@ def sample_view(rng: np.random.Generator, category: str, long_side: int) -> View
     u = rng.uniform
     sgn = lambda: float(rng.choice([-1.0, 1.0]))  # noqa: E731
     if category == "query":
-        scale, yaw, pitch, roll = u(0.62, 0.86), u(-0.1, 0.1), u(0.0, 0.06), u(-2, 2)
+        scale, yaw, pitch, roll = u(0.72, 0.9), u(-0.1, 0.1), u(0.0, 0.06), u(-2, 2)
         cx, cy = u(0.42, 0.58), u(0.45, 0.55)
         occ, occ_size, wall = int(rng.integers(0, 2)), u(0.1, 0.2), 0.0
         gain, cast_amp, gamma, sat, shading = u(0.9, 1.1), 0.05, u(0.9, 1.1), u(0.9, 1.1), u(0, 0.1)
         blur, motion, noise = u(0, 0.4), 0, u(0, 2)
     elif category == "easy":
-        scale, yaw, pitch, roll = u(0.6, 0.95), u(-0.2, 0.2), u(0.0, 0.12), u(-3, 3)
+        scale, yaw, pitch, roll = u(0.7, 1.0), u(-0.15, 0.15), u(0.0, 0.1), u(-3, 3)
         cx, cy = u(0.4, 0.6), u(0.42, 0.58)
-        occ, occ_size, wall = int(rng.integers(0, 3)), u(0.1, 0.25), 0.0
-        gain, cast_amp, gamma, sat, shading = u(0.8, 1.2), 0.08, u(0.85, 1.15), u(0.8, 1.15), u(0, 0.2)
-        blur, motion, noise = u(0, 0.6), 0, u(0, 3)
+        occ, occ_size, wall = int(rng.integers(0, 2)), u(0.1, 0.25), 0.0
+        gain, cast_amp, gamma, sat, shading = u(0.85, 1.15), 0.06, u(0.9, 1.1), u(0.85, 1.1), u(0, 0.2)
+        blur, motion, noise = u(0, 0.5), 0, u(0, 3)
     elif category == "hard":
-        zoom = rng.random() < 0.35
-        scale = u(1.0, 1.4) if zoom else u(0.45, 0.75)
-        yaw, pitch, roll = sgn() * u(0.15, 0.45), u(0.0, 0.25), u(-8, 8)
-        cx = u(0.3, 0.7) if not zoom else u(0.2, 0.8)
-        cy = u(0.35, 0.65) if not zoom else u(0.3, 0.7)
-        occ, occ_size = int(rng.integers(1, 5)), u(0.2, 0.5)
-        wall = u(0.1, 0.3) if rng.random() < 0.3 else 0.0
-        night = rng.random() < 0.2
-        gain = u(0.35, 0.55) if night else u(0.55, 1.5)
-        cast_amp, gamma, sat, shading = 0.22, u(0.6, 1.6), u(0.4, 1.3), u(0.1, 0.5)
-        blur, motion, noise = u(0.3, 1.3), int(rng.choice([0, 0, 3, 5])), u(1, 6)
+        # an easy-like view in which one or two factors change strongly
+        scale, yaw, pitch, roll = u(0.6, 0.95), u(-0.15, 0.15), u(0.0, 0.1), u(-3, 3)
+        cx, cy = u(0.38, 0.62), u(0.4, 0.6)
+        occ, occ_size, wall = int(rng.integers(0, 2)), u(0.1, 0.25), 0.0
+        gain, cast_amp, gamma, sat, shading = u(0.8, 1.2), 0.08, u(0.85, 1.15), u(0.8, 1.1), u(0, 0.25)
+        blur, motion, noise = u(0.2, 0.7), 0, u(0.5, 4)
+        strong = rng.choice(HARD_FACTORS, size=int(rng.choice([1, 2], p=[0.6, 0.4])), replace=False)
+        for f in strong:
+            if f == "viewpoint":
+                yaw, pitch, roll = sgn() * u(0.28, 0.45), u(0.1, 0.3), u(-8, 8)
+            elif f == "scale":
+                if rng.random() < 0.5:
+                    scale, cx, cy = u(0.38, 0.55), u(0.3, 0.7), u(0.35, 0.65)
+                else:
+                    scale, cx, cy = u(1.1, 1.4), u(0.3, 0.7), u(0.3, 0.7)
+            elif f == "light":
+                if rng.random() < 0.4:
+                    gain, cast_amp, gamma, sat = u(0.3, 0.5), 0.2, u(1.0, 1.4), u(0.4, 0.8)
+                else:
+                    gain, cast_amp, gamma, sat = u(0.55, 1.5), 0.25, u(0.6, 1.5), u(0.4, 1.3)
+                shading = u(0.3, 0.6)
+            elif f == "occlusion":
+                occ, occ_size = int(rng.integers(2, 5)), u(0.3, 0.5)
+                wall = u(0.15, 0.3) if rng.random() < 0.5 else 0.0
+            else:  # blur
+                blur, motion = u(1.0, 1.6), int(rng.choice([0, 3, 5]))
     else:  # junk
         mode = rng.choice(["tiny", "cropped", "occluded", "extreme"])
         scale, yaw, pitch, roll = u(0.5, 0.8), u(-0.3, 0.3), u(0.0, 0.2), u(-5, 5)
@@ -102,7 +117,7 @@ def sample_view(rng: np.random.Generator, category: str, long_side: int) -> View
             cx, cy = u(0.15, 0.85), u(0.3, 0.8)
         elif mode == "cropped":
             scale = u(0.6, 1.0)
-            cx = float(rng.choice([u(-0.3, -0.1), u(1.1, 1.3)]))
+            cx = float(rng.choice([u(-0.25, -0.05), u(1.05, 1.25)]))
         elif mode == "occluded":
             wall = u(0.65, 0.85)
         else:
@@ -248,7 +263,7 @@ def category_ok(category: str, stats: dict, v: View) -> bool:
         return vis >= 0.8 and area >= 0.06
     if category == "hard":
         return vis >= 0.45 and area >= 0.03
-    return vis < 0.35 or area < 0.03  # junk
+    return 0.05 <= vis < 0.35 or (vis >= 0.05 and area < 0.03)  # junk: barely visible
 
 
 def render_clutter(rng: np.random.Generator, long_side: int) -> np.ndarray:
