@@ -180,7 +180,7 @@ def generate(out_dir, *, seed: int = 0, train_landmarks: int = 300, views_per_la
     train_cats: list[list[str]] = []
     for L in range(train_landmarks):
         cats = [str(c) for c in plan.choice(["easy", "hard", "junk"], size=views_per_landmark,
-                                            p=[0.62, 0.35, 0.03])]
+                                            p=[0.66, 0.31, 0.03])]
         ids = [writers.hex_id("sg-synth", seed, TRAIN, L, k) for k in range(views_per_landmark)]
         train_rows += [(i, int(lm_ids[L])) for i in ids]
         train_cats.append(cats)
@@ -287,7 +287,9 @@ def generate(out_dir, *, seed: int = 0, train_landmarks: int = 300, views_per_la
         res = results[query_jobs[j]]
         owned = [(db_names[i], db_owner[i][1]) for i in range(len(db_names)) if db_owner[i][0] == j]
         for k in range(queries_per_landmark):
-            g = {"bbx": res[k]["bbx"], "easy": [], "hard": [], "junk": []}
+            w, h = res[k]["size"]
+            bbx = res[k]["bbx"] or [0.0, 0.0, float(w), float(h)]  # (a query always shows its landmark)
+            g = {"bbx": bbx, "easy": [], "hard": [], "junk": []}
             for name, cat in owned:
                 g[cat].append(pos_of[name])
             for key in ("easy", "hard", "junk"):

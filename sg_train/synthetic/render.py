@@ -124,6 +124,8 @@ class LandmarkSpec:
     wing_h: float
     plinth: float
     asym_shift: float     # horizontal offset of the central feature (fraction of width)
+    base: tuple | None = None  # a second wall colour on the lower part (two-tone facade)
+    base_frac: float = 0.0     # height of that lower part, fraction of each block
     emblem: str = "none"  # a large sign / coat of arms on the facade
     emblem_colour: tuple = (0, 0, 0)
     emblem_pos: tuple = (0.5, 0.3)  # centre, fractions of the main block (x, y)
@@ -174,6 +176,9 @@ def sample_landmark(rng: np.random.Generator) -> LandmarkSpec:
         wing_h=float(rng.uniform(0.4, 0.7)),
         plinth=float(rng.uniform(0.0, 0.12)),
         asym_shift=float(rng.choice([0.0, 0.0, rng.uniform(-0.25, 0.25)])),
+        base=_jitter_colour(rng, WALL_COLOURS[rng.integers(len(WALL_COLOURS))], 20)
+        if rng.random() < 0.4 else None,
+        base_frac=float(rng.uniform(0.25, 0.5)),
         emblem=str(rng.choice(EMBLEMS)),
         emblem_colour=_jitter_colour(rng, ACCENT_COLOURS[rng.integers(len(ACCENT_COLOURS))], 10),
         emblem_pos=(float(rng.choice([0.2, 0.5, 0.8])), float(rng.uniform(0.2, 0.6))),
@@ -348,6 +353,8 @@ def _block(img, alpha, x0, y0, x1, y1, st: BlockStyle, spec: LandmarkSpec, skip_
     _rect(img, x0, y0, x1, y1, spec.wall, alpha)
     _texture(img, x0, y0, x1, y1, spec.texture, spec.texture_period, spec.wall, spec.trim)
     w, h = x1 - x0, y1 - y0
+    if spec.base is not None:
+        _rect(img, x0, y1 - spec.base_frac * h, x1, y1, spec.base)
     fh = h / st.floors
     cw = w / st.cols
     if st.pilasters and st.cols > 1:
