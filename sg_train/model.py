@@ -13,13 +13,12 @@ channel order, applied to pixels scaled to [0, 1]) and :attr:`EmbeddingModel.pre
 """
 from __future__ import annotations
 
-from typing import Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import create_backbone, load_backbone_weights
-from .pooling.gem import GeM
 from .pooling.head import PoolingHead
 from .relu_plus import RELU_PLUS_ALPHA, apply_relu_plus
 
@@ -168,26 +167,9 @@ class EmbeddingModel(nn.Module):
         return F.normalize(self.head.aggregate_scales(per_scale), p=2, dim=-1)
 
     # -- optimiser support ------------------------------------------------------------------
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the timm backbone (for a backbone LR multiplier)."""
-        return self.backbone.parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the pooling head (GeM p when learnable) and the FC layer."""
-        yield from self.head.parameters()
-        yield from self.fc.parameters()
-
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """``{"backbone": [(name, param), ...], "head": [...]}`` with names as in ``named_parameters()``."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {"backbone": [], "head": []}
         for name, param in self.named_parameters():
             groups["backbone" if name.startswith("backbone.") else "head"].append((name, param))
         return groups
-
-    def no_weight_decay_names(self) -> set[str]:
-        """Parameters to keep out of weight decay: GeM p, biases and norm weights (all 0/1-d)."""
-        return {name for name, param in self.named_parameters() if param.ndim <= 1}
-
-    def gem_p_names(self) -> list[str]:
-        """Names of learnable GeM exponents (e.g. ``["head.pool.p"]``); empty for GeM+/avg/max."""
-        return [f"head.{n}.p" for n, m in self.head.named_modules() if isinstance(m, GeM)]
