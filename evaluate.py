@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sgem", action="store_true", help="aggregate the scales with Scale-GeM")
     model.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     model.add_argument("--batch-size", type=int, default=16, help="images per batch (equal-size images are batched)")
-    model.add_argument("--num-workers", type=int, default=4, help="image-loading workers")
+    model.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="image-loading workers (default: CPU count, at most 4)")
     model.add_argument("--cache-dir", metavar="DIR", help="cache descriptors here, keyed by model and data")
     model.add_argument("--cache-fp16", action="store_true", help="store cached descriptors as float16")
     model.add_argument("--no-progress", action="store_true", help="no progress bars")

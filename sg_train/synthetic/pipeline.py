@@ -145,8 +145,8 @@ def _prepare_out(out: Path, cfg: dict, overwrite: bool) -> dict | None:
 
 
 def generate(out_dir, *, seed: int = 0, train_landmarks: int = 300, views_per_landmark: int = 12,
-             bench_landmarks: int = 35, queries_per_landmark: int = 2, bench_positives: int = 10,
-             bench_distractors: int = 500, r1m_distractors: int = 0, image_size: int = 128,
+             bench_landmarks: int = 25, queries_per_landmark: int = 2, bench_positives: int = 24,
+             bench_distractors: int = 250, r1m_distractors: int = 0, image_size: int = 128,
              bench_name: str = "rsynth", workers: int | None = None, overwrite: bool = False,
              progress: bool = True) -> dict:
     """Generate the synthetic landmarks data set under ``out_dir``; see the package docstring."""
