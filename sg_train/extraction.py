@@ -123,8 +123,10 @@ def extract_descriptors(
     if len(sizes) != len(dataset):
         raise ValueError(f"dataset.image_sizes() gives {len(sizes)} sizes for {len(dataset)} items")
     plan = plan_batches(sizes, batch_size)[rank::world]
+    # A private generator: starting the loader draws a worker seed, and drawing it from the global
+    # RNG would make training results depend on when (and whether) retrieval evaluation runs.
     loader = DataLoader(_Tolerant(dataset), batch_sampler=plan, num_workers=int(num_workers), collate_fn=_collate,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     modes = {m: m.training for m in model.modules()}
     indices: list[Tensor] = []
     descriptors: list[Tensor] = []

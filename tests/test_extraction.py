@@ -176,6 +176,16 @@ def test_modes_restored_and_no_grad(bench, model):
     assert not any(m.training for m in model.modules())
 
 
+def test_extraction_leaves_the_global_rng_alone(bench, model):
+    """Training results must not depend on when (or whether) retrieval evaluation runs."""
+    ds = _db(bench, model, max_size=32)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    extract_descriptors(model, ds, batch_size=8, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_eval_mode_used_inside(bench):
     """Dropout active in train mode would make repeated extraction differ; eval() inside prevents it."""
     torch.manual_seed(0)
