@@ -31,8 +31,6 @@ from .tail import TailPositions, check_topk, positions_in_topk, tail_positions
 
 __all__ = ["revisited_map", "revisited_map_topk"]
 
-
-
 _BITS = {cat: np.uint8(1 << i) for i, cat in enumerate(CATEGORIES)}  # easy 1, hard 2, junk 4
 
 
