@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.revisited import RevisitedDataset
 from sg_train.extraction import extract_descriptors, gather_descriptors
+from sg_train.files import atomic_write
 from sg_train.retrieval import evaluate_descriptors, format_results_table
 
 DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
@@ -176,6 +177,4 @@ class RetrievalEvalCallback(Callback):
         self.history[stage] = {**summarise(results), "epoch": trainer.current_epoch}
         if self.results_file is not None and trainer.is_global_zero:
             self.results_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.results_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.history, indent=2))
-            tmp.replace(self.results_file)
+            atomic_write(self.results_file, lambda fh: json.dump(self.history, fh, indent=2), mode="w")

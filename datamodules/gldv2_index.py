@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from sg_train.files import atomic_write
 
 __all__ = [
     "SPLIT_FORMAT",
@@ -245,20 +246,10 @@ def default_split_path(data_root: str | os.PathLike, csv: str, min_images: int, 
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        os.makedirs(d, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, lambda f: json.dump(obj, f), mode="w")
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise OSError(f"cannot write split file {path!r} ({e}); set split_file to a writable location") from e
 
 

@@ -15,11 +15,9 @@ preprocessing, max_size) and every image file's size and modification time.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CacheEntryWarning", "DescriptorCache", "atomic_write", "canonical_json", "dataset_fingerprint",
-           "model_fingerprint"]
+from .files import array_digest, atomic_write
+
+__all__ = ["CacheEntryWarning", "DescriptorCache", "canonical_json", "dataset_fingerprint", "model_fingerprint"]
 
 DTYPES = ("float32", "float16")
 
@@ -45,27 +44,6 @@ def canonical_json(obj: Any) -> str:
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
     except (TypeError, ValueError) as e:
         raise TypeError(f"cache key must be plain JSON (dicts, lists, strings, finite numbers): {e}") from None
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through ``write(file)`` into a temporary sibling, fsync, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cache files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _digest(array: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).reshape(-1), digest_size=16).hexdigest()
 
 
 def _tensor_bytes(t: Tensor) -> memoryview:
@@ -161,7 +139,7 @@ class DescriptorCache:
             if array.dtype != np.dtype(self.dtype) or list(array.shape) != meta["shape"]:
                 raise ValueError(f"stored array is {array.dtype} {list(array.shape)}, "
                                  f"the record says {self.dtype} {meta['shape']}")
-            if _digest(array) != meta["digest"]:
+            if array_digest(array) != meta["digest"]:
                 raise ValueError("content digest mismatch (corrupt file)")
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             warnings.warn(f"descriptor cache entry {npy} is unusable ({type(e).__name__}: {e}); recomputing",
@@ -181,7 +159,7 @@ class DescriptorCache:
                 " after the cast to float16 (values beyond 65504)" if self.dtype == "float16" else ""))
         npy, meta_path = self.paths(key)
         meta = {"key": json.loads(canonical_json(key)), "dtype": self.dtype, "shape": list(array.shape),
-                "digest": _digest(array)}
+                "digest": array_digest(array)}
         atomic_write(npy, lambda fh: np.save(fh, array, allow_pickle=False))
         atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
         return torch.from_numpy(array.astype(np.float32))

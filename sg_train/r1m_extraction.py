@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import warnings
@@ -36,8 +35,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .descriptor_cache import atomic_write, dataset_fingerprint, model_fingerprint
+from .descriptor_cache import dataset_fingerprint, model_fingerprint
 from .extraction import extract_descriptors
+from .files import array_digest, atomic_write
 
 __all__ = ["R1MDescriptors", "R1MExtractionError", "R1MChunkWarning", "extract_r1m"]
 
@@ -148,10 +148,6 @@ def _open_data(out_dir: Path, meta: dict[str, Any], mode: str) -> np.memmap:
     return np.memmap(path, dtype=meta["dtype"], mode=mode, shape=shape)
 
 
-def _digest(rows: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(rows).view(np.uint8).reshape(-1), digest_size=16).hexdigest()
-
-
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
     with open(out_dir / ".lock", "a+") as fh:
@@ -217,12 +213,8 @@ def _prepare(out_dir: Path, want: dict[str, Any], names: list[str]) -> dict[str,
     if leftovers:
         raise R1MExtractionError(f"{out_dir} has {leftovers} but no {META}: not a folder this code set up; "
                                  "refusing to overwrite it")
-    data = out_dir / want["data_file"]
-    tmp = out_dir / f".{want['data_file']}.tmp"
-    with open(tmp, "wb") as fh:  # sparse file of zeros
-        fh.truncate(want["rows"] * want["dim"] * np.dtype(want["dtype"]).itemsize)
-        os.fsync(fh.fileno())
-    os.replace(tmp, data)
+    size = want["rows"] * want["dim"] * np.dtype(want["dtype"]).itemsize
+    atomic_write(out_dir / want["data_file"], lambda fh: fh.truncate(size))  # a sparse file of zeros
     atomic_write(out_dir / NAMES, lambda fh: fh.write("".join(f"{n}\n" for n in names).encode()))
     (out_dir / CHUNKS).mkdir(exist_ok=True)
     atomic_write(out_dir / META, lambda fh: fh.write(json.dumps(want, indent=1).encode()))
@@ -279,7 +271,7 @@ def extract_r1m(
         for c in range(meta["chunks"]):
             r0, r1 = c * chunk_size, min(meta["rows"], (c + 1) * chunk_size)
             record = _read_record(out_dir, c)
-            if record is not None and verify and record.get("digest") != _digest(data[r0:r1]):
+            if record is not None and verify and record.get("digest") != array_digest(data[r0:r1]):
                 warnings.warn(f"{out_dir}: rows {r0}-{r1 - 1} of finished chunk {c} do not match their record; "
                               "recomputing the chunk", R1MChunkWarning, stacklevel=2)
                 record = None
@@ -306,7 +298,7 @@ def extract_r1m(
                     block[rows_of_item[items[idx.numpy()]] - r0] = desc.numpy().astype(dtype)
                 data[r0:r1] = block
                 data.flush()
-                record = {"chunk": c, "rows": [r0, r1], "failed": sorted(failed), "digest": _digest(block)}
+                record = {"chunk": c, "rows": [r0, r1], "failed": sorted(failed), "digest": array_digest(block)}
                 atomic_write(_record_path(out_dir, c), lambda fh: fh.write(json.dumps(record).encode()))
                 bar.update(1)
                 if on_chunk_done is not None:
