@@ -275,6 +275,15 @@ def test_split_file_count_mismatch_is_refused(gld):
         _ = _dm(root, val_fraction=0.3, min_images_per_class=1, split_file=dm.split_file).num_classes
 
 
+def test_unwritable_split_file_is_named(gld):
+    root, _ = gld
+    (root / "a_file").write_text("not a folder")
+    target = root / "a_file" / "split.json"
+    with pytest.raises(OSError, match="cannot write split file .*a_file/split.json.*set split_file"):
+        _ = _dm(root, val_fraction=0.3, split_file=str(target)).num_classes
+    assert (root / "a_file").read_text() == "not a folder"
+
+
 # ----------------------------------------------------------------------------- state dict
 
 
