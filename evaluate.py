@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from datamodules.r1m import R1MDataset  # noqa: E402
 from datamodules.revisited import RevisitedDataset  # noqa: E402
 from sg_train.descriptor_cache import DescriptorCache, dataset_fingerprint, model_fingerprint  # noqa: E402
-from sg_train.extraction import extract_all  # noqa: E402
+from sg_train.extraction import DEFAULT_SCALES, extract_all  # noqa: E402
 from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
 from sg_train.model import EmbeddingModel  # noqa: E402
 from sg_train.r1m_extraction import R1MDescriptors, R1MExtractionError, extract_r1m  # noqa: E402
@@ -52,8 +52,6 @@ from sg_train.retrieval import (  # noqa: E402
     format_results_table,
     load_gnd,
 )
-
-DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ all-gathered, so the numbers equal a single-process run's to the last digit.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.revisited import RevisitedDataset
-from sg_train.extraction import extract_descriptors, gather_descriptors
+from sg_train.extraction import DEFAULT_SCALES, extract_descriptors, gather_descriptors
 from sg_train.files import atomic_write
-from sg_train.retrieval import evaluate_descriptors, format_results_table
-
-DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
-PROTOCOLS = ("E", "M", "H")
+from sg_train.retrieval import PROTOCOLS, evaluate_descriptors, format_results_table
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ Datasets: anything with ``__len__``, ``__getitem__(i) -> (image (3, H, W), i)`` 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,10 @@ from tqdm.auto import tqdm
 
 from datamodules.image_io import ImageReadError
 
-__all__ = ["extract_all", "extract_descriptors", "gather_descriptors", "plan_batches"]
+__all__ = ["DEFAULT_SCALES", "extract_all", "extract_descriptors", "gather_descriptors", "plan_batches"]
+
+#: SuperGlobal's evaluation scales
+DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 
 
 def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
