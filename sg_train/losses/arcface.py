@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .base import FixedMarginLoss, MarginLoss, _check_scale_margin
-from .margins import arcface_target, dynamic_margins, replace_target
+from .margins import arcface_target, dynamic_margins, replace_target, target_cosine
 
 __all__ = ["ArcFace", "DynamicArcFace", "SubCenterArcFace"]
 
@@ -23,7 +23,7 @@ class ArcFace(FixedMarginLoss):
         super().__init__(embedding_dim, num_classes, s, m, k)
 
     def logits(self, cos: Tensor, labels: Tensor) -> Tensor:
-        cos_y = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        cos_y = target_cosine(cos, labels)
         return self.s * replace_target(cos, labels, arcface_target(cos_y, self.m))
 
 
@@ -74,7 +74,7 @@ class DynamicArcFace(MarginLoss):
         self.register_buffer("margins", dynamic_margins(counts, a=a, b=b))
 
     def logits(self, cos: Tensor, labels: Tensor) -> Tensor:
-        cos_y = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        cos_y = target_cosine(cos, labels)
         m = self.margins.float()[labels]
         return self.s * replace_target(cos, labels, arcface_target(cos_y, m))
 

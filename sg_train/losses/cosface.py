@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import FixedMarginLoss
-from .margins import cosface_target, replace_target
+from .margins import cosface_target, replace_target, target_cosine
 
 __all__ = ["CosFace"]
 
@@ -21,5 +21,5 @@ class CosFace(FixedMarginLoss):
         super().__init__(embedding_dim, num_classes, s, m, k)
 
     def logits(self, cos: Tensor, labels: Tensor) -> Tensor:
-        cos_y = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        cos_y = target_cosine(cos, labels)
         return self.s * replace_target(cos, labels, cosface_target(cos_y, self.m))

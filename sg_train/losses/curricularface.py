@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .base import FixedMarginLoss
-from .margins import arcface_target, curricular_hard_negatives, replace_target, sin_from_cos
+from .margins import arcface_target, curricular_hard_negatives, replace_target, sin_from_cos, target_cosine
 
 __all__ = ["CurricularFace"]
 
@@ -46,7 +46,7 @@ class CurricularFace(FixedMarginLoss):
         self.register_buffer("t", torch.zeros(()))
 
     def logits(self, cos: Tensor, labels: Tensor) -> Tensor:
-        cos_y = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        cos_y = target_cosine(cos, labels)
         cos_y_plus_m = cos_y * math.cos(self.m) - sin_from_cos(cos_y) * math.sin(self.m)
         if self.training and cos_y.numel() > 0:
             with torch.no_grad():

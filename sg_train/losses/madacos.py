@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .base import MarginLoss
 from .distributed import distributed_world, gather_padded
-from .margins import madacos_log_b, madacos_margin, madacos_scale, median_index, replace_target
+from .margins import madacos_log_b, madacos_margin, madacos_scale, median_index, replace_target, target_cosine
 
 __all__ = ["MadaCos"]
 
@@ -72,7 +72,7 @@ class MadaCos(MarginLoss):
         Collective under DDP (when ``gather``): every rank must call it at the same step.
         """
         cos = cos.detach().float()
-        cos_y = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        cos_y = target_cosine(cos, labels)
         rank, world = distributed_world() if self.gather else (0, 1)
         if world > 1:
             all_cos_y, n_max = gather_padded(cos_y)
@@ -102,7 +102,7 @@ class MadaCos(MarginLoss):
     def logits(self, cos: Tensor, labels: Tensor) -> Tensor:
         s, m, median_cos = self.scale_margin(cos, labels)
         self._last = {"scale": s, "margin": m, "median_cosine": median_cos}
-        cos_y = cos.gather(1, labels.view(-1, 1)).squeeze(1)
+        cos_y = target_cosine(cos, labels)
         return s * replace_target(cos, labels, cos_y - m)
 
     def live_stats(self) -> dict[str, float | Tensor]:

@@ -22,6 +22,7 @@ __all__ = [
     "median_index",
     "replace_target",
     "sin_from_cos",
+    "target_cosine",
 ]
 
 # Floor under 1 - cos² before the square root: d/dc sqrt(1 - c²) is infinite at |c| = 1.
@@ -63,6 +64,11 @@ def curricular_hard_negatives(cos: Tensor, cos_y_plus_m: Tensor, t: Tensor | flo
     """
     hard = cos > cos_y_plus_m.unsqueeze(1)
     return torch.where(hard, cos * (t + cos), cos)
+
+
+def target_cosine(cos: Tensor, labels: Tensor) -> Tensor:
+    """``cos θ_y`` of each sample: entry ``[i, labels[i]]`` of ``cos`` (B, C), shape (B,)."""
+    return cos.gather(1, labels.view(-1, 1)).squeeze(1)
 
 
 def replace_target(cos: Tensor, labels: Tensor, target: Tensor) -> Tensor:
