@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["RetrievalInputError", "check_descriptors", "check_k", "as_index_tensor", "compute_dtype"]
+__all__ = ["RetrievalInputError", "check_descriptors", "check_k", "as_index_tensor", "compute_dtype", "dtype_name"]
 
 
 class RetrievalInputError(ValueError):
@@ -15,14 +15,15 @@ def _shape(a) -> tuple[int, ...]:
     return tuple(int(s) for s in a.shape)
 
 
-def _dtype_name(a) -> str:
+def dtype_name(a) -> str:
+    """``a.dtype`` spelled the same for numpy arrays and torch tensors (``float16``, ``int64``, ...)."""
     return str(a.dtype).replace("torch.", "")
 
 
 def compute_dtype(*arrays) -> torch.dtype:
     """float64 if any input is float64, else float32 (fp16/bf16 inputs accumulate in fp32)."""
     for a in arrays:
-        if a is not None and str(a.dtype).replace("torch.", "") == "float64":
+        if a is not None and dtype_name(a) == "float64":
             return torch.float64
     return torch.float32
 
@@ -40,7 +41,7 @@ def check_descriptors(Q, X, *, q_name: str = "Q", x_name: str = "X") -> None:
             raise RetrievalInputError(f"{name} must be 2-D (rows, dim), got shape {_shape(a)}")
         is_float = a.dtype.is_floating_point if isinstance(a, torch.Tensor) else a.dtype.kind == "f"
         if not is_float:
-            raise RetrievalInputError(f"{name} must hold floating-point descriptors, got dtype {_dtype_name(a)}")
+            raise RetrievalInputError(f"{name} must hold floating-point descriptors, got dtype {dtype_name(a)}")
     if X.shape[0] == 0:
         raise RetrievalInputError(f"empty database: {x_name} has 0 rows")
     if Q.shape[0] == 0:
@@ -90,5 +91,5 @@ def as_index_tensor(idx, name: str = "idx") -> torch.Tensor:
     if t.ndim != 2:
         raise RetrievalInputError(f"{name} must be 2-D (queries, ranked items), got shape {_shape(t)}")
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
-        raise RetrievalInputError(f"{name} must hold integer database indices, got dtype {_dtype_name(t)}")
+        raise RetrievalInputError(f"{name} must hold integer database indices, got dtype {dtype_name(t)}")
     return t.to(dtype=torch.long)

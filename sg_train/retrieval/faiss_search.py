@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import RetrievalInputError, check_descriptors, check_finite, check_k
+from ._checks import RetrievalInputError, check_descriptors, check_finite, check_k, dtype_name
 from ._chunks import auto_chunk_rows, iter_row_chunks, to_tensor
 from .search import search
 
@@ -34,7 +34,7 @@ def _build_index(faiss, X, index: str, *, nlist: int | None, hnsw_m: int):
     dim, n = int(X.shape[1]), int(X.shape[0])
     ip = faiss.METRIC_INNER_PRODUCT
     if index == "flat":
-        if str(X.dtype).replace("torch.", "") == "float16":
+        if dtype_name(X) == "float16":
             # fp16 storage is lossless for fp16 data: still exact, half the memory of IndexFlatIP.
             return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip)
         return faiss.IndexFlatIP(dim)
