@@ -95,10 +95,14 @@ def pycls_to_timm_key(key: str) -> str | None:
     return f"layer{stage}.{block - 1}.{name}.{leaf}" if name else None
 
 
-def expected_pycls_keys(depth: int) -> list[str]:
-    """Backbone keys of a pycls ImageNet ResNet of this depth (BN ``num_batches_tracked`` included)."""
+def _check_depth(depth: int) -> None:
     if depth not in STAGE_DEPTHS:
         raise ValueError(f"CVNet depth must be one of {sorted(STAGE_DEPTHS)}, got {depth!r}")
+
+
+def expected_pycls_keys(depth: int) -> list[str]:
+    """Backbone keys of a pycls ImageNet ResNet of this depth (BN ``num_batches_tracked`` included)."""
+    _check_depth(depth)
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = ["stem.conv.weight", *(f"stem.bn.{b}" for b in bn)]
     for stage, blocks in enumerate(STAGE_DEPTHS[depth], start=1):
@@ -145,8 +149,7 @@ def cvnet_state_dict_to_embedding_model(
     (``head``, ``relu_plus``, ``scales``, ``sgem``, ...); the backbone, embedding size and
     preprocessing come from the file and cannot be given. The model is returned in eval mode.
     """
-    if depth not in STAGE_DEPTHS:
-        raise ValueError(f"CVNet depth must be one of {sorted(STAGE_DEPTHS)}, got {depth!r}")
+    _check_depth(depth)
     fixed = {"backbone", "embedding_dim", "pretrained_weights", "input_format", "mean", "std"}
     clash = sorted(fixed & set(model_options))
     if clash:

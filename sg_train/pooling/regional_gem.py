@@ -26,14 +26,18 @@ from .gem import GEM_EPS
 __all__ = ["regional_gem", "RegionalGeM"]
 
 
+def _check_options(p: float, kernel_size: int) -> None:
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"Regional-GeM kernel_size must be odd and >= 1, got {kernel_size}")
+    if p <= 0:
+        raise ValueError(f"Regional-GeM p must be > 0, got {p}")
+
+
 def regional_gem(x: Tensor, p: float = 2.5, kernel_size: int = 5, eps: float = GEM_EPS) -> Tensor:
     """Regional-GeM of an NCHW map; returns a map of the same shape (float32)."""
     if x.ndim != 4:
         raise ValueError(f"regional_gem expects an NCHW map, got shape {tuple(x.shape)}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"regional_gem kernel_size must be odd and >= 1, got {kernel_size}")
-    if p <= 0:
-        raise ValueError(f"regional_gem p must be > 0, got {p}")
+    _check_options(p, kernel_size)
     x = x.float()
     pad = (kernel_size - 1) // 2
     powered = x.clamp(min=eps).pow(p)
@@ -49,10 +53,7 @@ class RegionalGeM(nn.Module):
 
     def __init__(self, p: float = 2.5, kernel_size: int = 5, eps: float = GEM_EPS) -> None:
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"Regional-GeM kernel size must be odd and >= 1, got {kernel_size}")
-        if p <= 0:
-            raise ValueError(f"Regional-GeM p must be > 0, got {p}")
+        _check_options(p, kernel_size)
         self.p = float(p)
         self.kernel_size = int(kernel_size)
         self.eps = eps
