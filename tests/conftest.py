@@ -43,3 +43,15 @@ def synthetic_data(tmp_path_factory):
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark(tmp_path_factory):
+    """The Revisited-format folder of a tiny synthetic benchmark (dataset ``rsynth``: 6 queries,
+    15 database images, 64 px), made once; tests that damage files copy it first."""
+    from sg_train.synthetic import generate
+
+    out = tmp_path_factory.mktemp("tiny_benchmark")
+    generate(out, train_landmarks=4, views_per_landmark=3, bench_landmarks=3, bench_positives=3,
+             bench_distractors=6, r1m_distractors=0, image_size=64, progress=False)
+    return out / "revisited"

@@ -15,17 +15,8 @@ from datamodules.image_io import ImageReadError
 from datamodules.revisited import RevisitedDataset
 from sg_train.extraction import extract_all, extract_descriptors, gather_descriptors, plan_batches
 from sg_train.model import EmbeddingModel
-from sg_train.synthetic import generate
 
 SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syn_ext")
-    generate(out, train_landmarks=4, views_per_landmark=3, bench_landmarks=3, bench_positives=3,
-             bench_distractors=6, r1m_distractors=0, image_size=64, progress=False)
-    return out / "revisited"
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +25,8 @@ def model():
     return EmbeddingModel("resnet18", head="rgem+gemp+sgem", embedding_dim=32)
 
 
-def _db(bench, model, **kw):
-    return RevisitedDataset(bench, "rsynth", "database", mean=model.mean, std=model.std,
+def _db(root, model, **kw):
+    return RevisitedDataset(root, "rsynth", "database", mean=model.mean, std=model.std,
                             input_format=model.input_format, **kw)
 
 
@@ -69,8 +60,8 @@ def test_plan_rejects_bad_input():
 
 
 # ------------------------------------------------------------------------------ extraction
-def test_batched_equals_one_by_one(bench, model):
-    ds = _db(bench, model)
+def test_batched_equals_one_by_one(tiny_benchmark, model):
+    ds = _db(tiny_benchmark, model)
     assert len(set(ds.image_sizes())) > 1
     batched = extract_all(model, ds, scales=SCALES, batch_size=4, progress=False)
     model.eval()
@@ -118,8 +109,8 @@ def _run_ranks(world: int, fn):
     return results
 
 
-def test_sharded_extraction_gathers_to_single_process_bits(bench, model):
-    ds = _db(bench, model, max_size=40)
+def test_sharded_extraction_gathers_to_single_process_bits(tiny_benchmark, model):
+    ds = _db(tiny_benchmark, model, max_size=40)
     single = extract_all(model, ds, scales=SCALES, batch_size=3, progress=False)
     shards = [extract_descriptors(model, ds, scales=SCALES, batch_size=3, shard=(r, 2), progress=False)
               for r in range(2)]
@@ -153,8 +144,8 @@ def test_gather_accepts_consistent_duplicates_and_refuses_others():
         gather_descriptors(torch.tensor([0, 9]), desc[:2], 4, lambda t: t)
 
 
-def test_more_ranks_than_batches(bench, model):
-    ds = _db(bench, model, max_size=32)
+def test_more_ranks_than_batches(tiny_benchmark, model):
+    ds = _db(tiny_benchmark, model, max_size=32)
     n_batches = len(plan_batches(ds.image_sizes(), 64))
     world = n_batches + 1
     shards = [extract_descriptors(model, ds, batch_size=64, shard=(r, world), progress=False) for r in range(world)]
@@ -163,8 +154,8 @@ def test_more_ranks_than_batches(bench, model):
     assert torch.equal(outs[0], extract_all(model, ds, batch_size=64, progress=False))
 
 
-def test_modes_restored_and_no_grad(bench, model):
-    ds = _db(bench, model, max_size=32)
+def test_modes_restored_and_no_grad(tiny_benchmark, model):
+    ds = _db(tiny_benchmark, model, max_size=32)
     model.train()
     model.backbone.bn1.eval()  # e.g. a frozen BatchNorm inside a training model
     before = {name: m.training for name, m in model.named_modules()}
@@ -176,9 +167,9 @@ def test_modes_restored_and_no_grad(bench, model):
     assert not any(m.training for m in model.modules())
 
 
-def test_extraction_leaves_the_global_rng_alone(bench, model):
+def test_extraction_leaves_the_global_rng_alone(tiny_benchmark, model):
     """Training results must not depend on when (or whether) retrieval evaluation runs."""
-    ds = _db(bench, model, max_size=32)
+    ds = _db(tiny_benchmark, model, max_size=32)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -186,27 +177,27 @@ def test_extraction_leaves_the_global_rng_alone(bench, model):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_eval_mode_used_inside(bench):
+def test_eval_mode_used_inside(tiny_benchmark):
     """Dropout active in train mode would make repeated extraction differ; eval() inside prevents it."""
     torch.manual_seed(0)
     m = EmbeddingModel("resnet18", head="gem", embedding_dim=16)
     m.head.register_forward_hook(lambda mod, inp, out: nn.functional.dropout(out, 0.5, training=mod.training))
     m.train()
-    ds = _db(bench, m, max_size=32)
+    ds = _db(tiny_benchmark, m, max_size=32)
     a = extract_all(m, ds, batch_size=8, progress=False)
     b = extract_all(m, ds, batch_size=8, progress=False)
     assert torch.equal(a, b) and m.training
 
 
-def test_tiny_query_crops_do_not_crash_rgem(bench, model):
-    q = RevisitedDataset(bench, "rsynth", "query", mean=model.mean, std=model.std, max_size=12)
+def test_tiny_query_crops_do_not_crash_rgem(tiny_benchmark, model):
+    q = RevisitedDataset(tiny_benchmark, "rsynth", "query", mean=model.mean, std=model.std, max_size=12)
     desc = extract_all(model, q, scales=SCALES, batch_size=2, progress=False)
     assert desc.shape == (len(q), 32) and torch.isfinite(desc).all()
 
 
-def test_unreadable_images_raise_or_are_reported(bench, model, tmp_path):
+def test_unreadable_images_raise_or_are_reported(tiny_benchmark, model, tmp_path):
     root = tmp_path / "copy"
-    shutil.copytree(bench, root)
+    shutil.copytree(tiny_benchmark, root)
     ds = RevisitedDataset(root, "rsynth", "database", mean=model.mean, std=model.std, max_size=32)
     ds.image_sizes()
     bad = Path(ds.paths[3])
@@ -221,7 +212,7 @@ def test_unreadable_images_raise_or_are_reported(bench, model, tmp_path):
     assert sorted(idx.tolist()) == [i for i in range(len(ds)) if i != 3]
 
 
-def test_device_mismatch_is_refused(bench, model):
-    ds = _db(bench, model)
+def test_device_mismatch_is_refused(tiny_benchmark, model):
+    ds = _db(tiny_benchmark, model)
     with pytest.raises(ValueError, match="differs from the model's device"):
         extract_descriptors(model, ds, device="meta", progress=False)

@@ -14,7 +14,6 @@ from datamodules.image_io import ImageReadError, read_image
 from datamodules.revisited import (ImageSizeMismatchError, QueryBoxError, RevisitedDataset, crop_box,
                                    fit_longest_side, read_image_size)
 from sg_train.retrieval import GroundTruthError
-from sg_train.synthetic import generate
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -49,18 +48,10 @@ def _pixels(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syn_rev")
-    generate(out, train_landmarks=4, views_per_landmark=3, bench_landmarks=3, bench_positives=3,
-             bench_distractors=6, r1m_distractors=0, image_size=64, progress=False)
-    return out / "revisited"
-
-
 @pytest.mark.parametrize("split", ["query", "database"])
 @pytest.mark.parametrize("max_size", [None, 48, 23])
-def test_sizes_from_headers_equal_tensor_sizes(synthetic, split, max_size):
-    ds = RevisitedDataset(synthetic, "rsynth", split, mean=MEAN, std=STD, max_size=max_size)
+def test_sizes_from_headers_equal_tensor_sizes(tiny_benchmark, split, max_size):
+    ds = RevisitedDataset(tiny_benchmark, "rsynth", split, mean=MEAN, std=STD, max_size=max_size)
     sizes = ds.image_sizes()
     assert len(sizes) == len(ds) == len(ds.names)
     assert len(set(sizes)) > 1  # the benchmark mixes sizes, so bucketing is exercised
@@ -73,9 +64,9 @@ def test_sizes_from_headers_equal_tensor_sizes(synthetic, split, max_size):
             assert max(sizes[i]) <= max_size
 
 
-def test_gnd_and_names(synthetic):
-    q = RevisitedDataset(synthetic, "rsynth", "query", mean=MEAN, std=STD)
-    db = RevisitedDataset(synthetic, "rsynth", "database", mean=MEAN, std=STD)
+def test_gnd_and_names(tiny_benchmark):
+    q = RevisitedDataset(tiny_benchmark, "rsynth", "query", mean=MEAN, std=STD)
+    db = RevisitedDataset(tiny_benchmark, "rsynth", "database", mean=MEAN, std=STD)
     assert q.names == q.gnd["qimlist"] and db.names == db.gnd["imlist"]
     assert all(isinstance(g["easy"], np.ndarray) for g in q.gnd["gnd"])
     assert all(Path(p).name == f"{n}.jpg" for p, n in zip(db.paths, db.names))
@@ -182,9 +173,9 @@ def test_inverted_bbx_refused_by_gnd_validation(tmp_path):
         RevisitedDataset(tmp_path, "toy", "query", mean=MEAN, std=STD)
 
 
-def test_bad_split_lists_the_valid_ones(synthetic):
+def test_bad_split_lists_the_valid_ones(tiny_benchmark):
     with pytest.raises(ValueError, match=r"query.*database"):
-        RevisitedDataset(synthetic, "rsynth", "db", mean=MEAN, std=STD)
+        RevisitedDataset(tiny_benchmark, "rsynth", "db", mean=MEAN, std=STD)
 
 
 def test_corrupt_database_image_names_the_file(tmp_path):
