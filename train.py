@@ -4,31 +4,142 @@
     python train.py fit --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt   # resume
     python train.py validate --config configs/demo.yaml --ckpt_path <ckpt>
 
-The class count (and the per-class image counts for dynamic margins) come from the datamodule.
+``trainer.default_root_dir`` is the run folder: every file of the run goes below it (see
+:mod:`sg_train.run_folder`); a new ``fit`` refuses a folder that holds another run. The class
+count (and the per-class image counts for dynamic margins) come from the datamodule.
 """
 from __future__ import annotations
 
 import os
+import secrets
+import string
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI at import otherwise
 
+import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from callbacks.finite_loss import FiniteLossGuard  # noqa: E402
+from callbacks.last_checkpoint import LastCheckpoint  # noqa: E402
 from callbacks.skipped_images import SkippedImagesReport  # noqa: E402
 from datamodules.gldv2 import GLDv2DataModule  # noqa: E402
 from sg_train.module import LandmarkRetrievalModule  # noqa: E402
+from sg_train.run_folder import (  # noqa: E402
+    CHECKPOINT_DIR,
+    RunPlan,
+    check_checkpoint_file,
+    check_writable_dir,
+    plan_run,
+    record_start,
+    resolve_checkpoint,
+)
 
 
 def _as_list(counts: torch.Tensor) -> list[int]:
     return [int(c) for c in counts.tolist()]
 
 
+def _logger_entries(logger) -> list:
+    """The logger entries of a parsed trainer config (a Namespace, a list of them, or a bool)."""
+    entries = logger if isinstance(logger, list) else [logger]
+    return [e for e in entries if hasattr(e, "class_path") and hasattr(e, "init_args")]
+
+
+def _is_wandb(entry) -> bool:
+    return entry.class_path.rsplit(".", 1)[-1] == WandbLogger.__name__
+
+
 class TrainCLI(LightningCLI):
+    """LightningCLI with run folders, a trustworthy ``last.ckpt`` and pre-flight checks.
+
+    Only ``fit`` and ``validate`` are offered (``test``/``predict`` have no data here).
+    """
+
+    run_plan: RunPlan | None = None
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_counts", "model.class_counts", compute_fn=_as_list, apply_on="instantiate")
+        parser.add_lightning_class_args(SkippedImagesReport, "skipped_images")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(ckpt_path)  # before LightningCLI reads its hyper-parameters
+
+    def before_instantiate_classes(self) -> None:
+        """``fit``: decide the run folder (new or continued) and point the loggers at it."""
+        if self.subcommand not in (None, "fit"):  # None: built with run=False, to be fitted by the caller
+            return
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = config.trainer.default_root_dir or os.getcwd()
+        loggers = _logger_entries(config.trainer.logger)
+        ckpt_path = config.get("ckpt_path")  # absent when built with run=False
+        if rank_zero_only.rank != 0:  # DDP workers: rank 0 decided and checked everything
+            resume = resolve_checkpoint(run_dir, ckpt_path)
+        else:
+            wandb = [e for e in loggers if _is_wandb(e)]
+            new_id = (wandb[0].init_args.id or _new_wandb_id()) if wandb else None
+            self.run_plan = plan_run(run_dir, ckpt_path, new_wandb_id=new_id)
+            resume = self.run_plan.resume_from
+            run_dir = config.trainer.default_root_dir = str(self.run_plan.run_dir)
+        if "ckpt_path" in config:
+            config.ckpt_path = str(resume) if resume is not None else None
+        if self.run_plan is None:
+            return
+        plan = self.run_plan
+        for entry in loggers:
+            args = entry.init_args
+            if getattr(args, "save_dir", None) in (None, "", "."):
+                args.save_dir = str(plan.run_dir)
+            if _is_wandb(entry) and plan.wandb_id:
+                args.id, args.version = plan.wandb_id, None
+                args.resume = "allow"  # one W&B run for the whole run, across resumes
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand in (None, "fit"):
+            self._prepare_run(trainer)
+        return trainer
+
+    def _prepare_run(self, trainer: pl.Trainer) -> None:
+        """Put every checkpoint under ``<run>/checkpoints``, add ``last.ckpt``, check every folder written."""
+        run_dir = os.path.abspath(trainer.default_root_dir)
+        checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
+        checkpoints = [cb for cb in trainer.checkpoint_callbacks if not isinstance(cb, LastCheckpoint)]
+        for cb in checkpoints:
+            if cb.dirpath is None:
+                cb.dirpath = checkpoint_dir
+            cb.save_last = False  # LastCheckpoint is the one writer of last.ckpt
+        if checkpoints:
+            trainer.callbacks.append(LastCheckpoint(checkpoint_dir))
+        if self.run_plan is None:  # a DDP worker
+            return
+        check_writable_dir(run_dir, "run folder")
+        for cb in trainer.checkpoint_callbacks:
+            check_writable_dir(cb.dirpath, "checkpoint folder")
+        for logger in trainer.loggers:
+            if logger.save_dir is not None:
+                check_writable_dir(logger.save_dir, f"{type(logger).__name__} folder")
+        record_start(self.run_plan, "fit")
+        where = f"continuing from {self.run_plan.resume_from}" if self.run_plan.resume_from else "new run"
+        rank_zero_info(f"run folder: {run_dir} ({where})")
+
+
+def _new_wandb_id() -> str:
+    """8 random lower-case letters and digits, W&B's own id alphabet (its generator is in a private module)."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
@@ -36,7 +147,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     return TrainCLI(
         LandmarkRetrievalModule,
         GLDv2DataModule,
-        trainer_defaults={"callbacks": [FiniteLossGuard(), SkippedImagesReport()]},
+        trainer_defaults={"callbacks": [FiniteLossGuard()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the optimizer comes in through the module (model.optimizer)
         args=args,

@@ -28,11 +28,14 @@ from torch.utils.data import DataLoader
 from .collate import SkipFailedCollate
 from .gldv2_index import GLDv2Split, build_gldv2_split, default_split_path, gldv2_image_path
 from .image_dataset import ImageDataset, worker_init_fn
+from .sampler import SeededSampler
 from .transforms import build_eval_transform, build_train_transform, resolve_normalization
 
 __all__ = ["ClassMappingError", "GLDv2DataModule"]
 
 STATE_VERSION = 1
+PREFLIGHT_SAMPLE = 256  # training files checked for existence before the first step
+PREFLIGHT_MAX_MISSING = 0.5  # more missing than this fraction of the sample stops the run
 
 
 class ClassMappingError(ValueError):
@@ -145,6 +148,7 @@ class GLDv2DataModule(LightningDataModule):
         self.build_train_transform()  # validate augmentation arguments now, not in a worker
 
         self._split: GLDv2Split | None = None
+        self._data_seed: int | None = None
         self.train_dataset: ImageDataset | None = None
         self.val_dataset: ImageDataset | None = None
 
@@ -199,14 +203,58 @@ class GLDv2DataModule(LightningDataModule):
             self.train_dataset = ImageDataset(
                 split.train_ids, split.train_labels, self.image_dir, self.build_train_transform(), gldv2_image_path
             )
+            self._check_training_set(self.train_dataset)
         if self.val_dataset is None and stage in (None, "fit", "validate") and len(split.val_ids):
             self.val_dataset = ImageDataset(
                 split.val_ids, split.val_labels, self.image_dir, self.build_eval_transform(), gldv2_image_path
             )
 
+    def _check_training_set(self, dataset: ImageDataset) -> None:
+        """Pre-flight: enough images for one batch, and most of a sample of the files present.
+
+        Every path wrong (another ``image_dir``, upper-cased ids, a folder without the
+        ``a/b/c`` layout) would otherwise train on empty batches; a few missing files are the
+        normal case for GLDv2 and are skipped during training (see ``SkippedImagesReport``).
+        """
+        world = self._world_size()
+        if len(dataset) < self.batch_size * world:
+            raise ValueError(
+                f"{self.csv_path}: {len(dataset)} training images (after min_images_per_class="
+                f"{self.min_images_per_class} and the val_fraction={self.val_fraction} split) are fewer than one "
+                f"batch of data.batch_size={self.batch_size}" + (f" on each of {world} processes" if world > 1 else "")
+                + f"; set data.batch_size to at most {max(1, len(dataset) // world)} or add images"
+            )
+        rng = np.random.default_rng(0)
+        sample = rng.choice(len(dataset), size=min(len(dataset), PREFLIGHT_SAMPLE), replace=False)
+        missing = [dataset.path(int(i)) for i in sample if not os.path.isfile(dataset.path(int(i)))]
+        if len(missing) > PREFLIGHT_MAX_MISSING * len(sample):
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(sample)} sampled training images do not exist under {self.image_dir!r}, "
+                f"e.g. {missing[:3]}; images must be at <image_dir>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg with the ids "
+                f"exactly as in {self.csv_path} (same case); set data.image_dir to the folder holding those "
+                "sub-folders"
+            )
+        if missing:
+            rank_zero_warn(
+                f"{len(missing)} of {len(sample)} sampled training images do not exist (e.g. {missing[0]!r}); "
+                "missing images are skipped and listed in skipped_images.tsv"
+            )
+
     def _rank(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(trainer.global_rank) if trainer is not None else 0
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.world_size) if trainer is not None else 1
+
+    @property
+    def data_seed(self) -> int:
+        """Seed of the training order and augmentations (``torch.initial_seed()`` at first use, i.e.
+        ``seed_everything``'s; restored from the checkpoint on resume)."""
+        if self._data_seed is None:
+            self._data_seed = int(torch.initial_seed() % 2**63)
+        return self._data_seed
 
     def _loader(self, dataset: ImageDataset, batch_size: int, train: bool, size: int) -> DataLoader:
         kwargs: dict[str, Any] = {}
@@ -214,12 +262,13 @@ class GLDv2DataModule(LightningDataModule):
             kwargs["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:
                 kwargs["prefetch_factor"] = int(self.prefetch_factor)
-        else:  # one process: seed the pipeline from torch's RNG (seed_everything governs it)
-            dataset.reseed(int(torch.randint(0, 2**31 - 1, ()).item()) + 7919 * self._rank())
+        if train:  # order and augmentations from (data_seed, epoch, index) alone: resumable exactly
+            kwargs["sampler"] = SeededSampler(
+                dataset, num_replicas=self._world_size(), rank=self._rank(), shuffle=True, seed=self.data_seed
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -253,6 +302,7 @@ class GLDv2DataModule(LightningDataModule):
             "min_images_per_class": self.min_images_per_class,
             "val_fraction": self.val_fraction,
             "seed": self.seed,
+            "data_seed": self.data_seed,
         }
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -275,6 +325,8 @@ class GLDv2DataModule(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_mapping(state_dict)
+        if "data_seed" in state_dict:  # the same order and augmentations as before the interruption
+            self._data_seed = int(state_dict["data_seed"])
         saved_split = state_dict.get("split_file")
         if saved_split != self.split.split_file:
             rank_zero_warn(

@@ -1,5 +1,9 @@
 """A map-style dataset over ``(name, label)`` rows that never raises for a bad image file.
 
+Items are fetched by index, or by ``(index, augmentation_seed)`` as
+:class:`~datamodules.sampler.SeededSampler` hands them out: the pipeline's RNG is then re-seeded
+with that seed first, so a sample's augmentation depends on nothing but its seed.
+
 A sample is a dict ``{"image", "label", "index", "failed"}``. When the file cannot be read
 (:class:`~datamodules.image_io.ImageReadError`), ``image`` is ``None`` and ``failed`` is
 ``(path, reason)``; :class:`~datamodules.collate.SkipFailedCollate` drops such samples and
@@ -14,6 +18,7 @@ Python lists, so forked DataLoader workers do not copy millions of objects.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,7 +87,8 @@ class ImageDataset(Dataset):
     def path(self, index: int) -> str:
         return self.path_fn(self.root, self.name(index))
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         index = int(index)
         path = self.path(index)
         sample: dict[str, Any] = {"image": None, "label": int(self.labels[index]), "index": index, "failed": None}
@@ -94,6 +100,8 @@ class ImageDataset(Dataset):
         if self.transform is None:
             sample["image"] = torch.from_numpy(img).permute(2, 0, 1).contiguous()
             return sample
+        if seed is not None:
+            self.reseed(seed)
         try:
             sample["image"] = self.transform(image=img)["image"]
         except Exception as e:
@@ -103,10 +111,16 @@ class ImageDataset(Dataset):
         return sample
 
     def reseed(self, seed: int) -> None:
-        """Re-seed the transform's own RNG (albumentations 2.x keeps one per pipeline)."""
-        set_seed = getattr(self.transform, "set_random_seed", None)
-        if callable(set_seed):
-            set_seed(int(seed))
+        """Re-seed the transform's own RNG (albumentations 2.x keeps one per pipeline).
+
+        One numpy and one Python generator are shared by every transform of the pipeline, so
+        their draws follow each other. (``Compose.set_random_seed`` would give each transform
+        its own generator with the *same* seed, so that e.g. the crop scale and the flip
+        decision came from the same first number.)
+        """
+        set_state = getattr(self.transform, "set_random_state", None)
+        if callable(set_state):
+            set_state(np.random.default_rng(int(seed)), random.Random(int(seed)))
 
 
 def worker_init_fn(worker_id: int, rank: int = 0) -> None:

@@ -1,7 +1,6 @@
 """End-to-end training through train.py's CLI on generated data: fit, logging, resume, DDP, bad input."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 import train
 import wandb_records
+from run_probes import RecordStartState
 from callbacks.finite_loss import NonFiniteLossError
 from sg_train.module import LandmarkRetrievalModule
 
@@ -28,10 +28,9 @@ def write_config(tmp_path: Path, data_root: Path, **model_changes) -> Path:
     run_dir = tmp_path / "run"
     trainer = config["trainer"]
     trainer.update(default_root_dir=str(run_dir), max_epochs=1, log_every_n_steps=1, enable_progress_bar=False)
-    trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
     # Retrieval validation has its own tests (test_retrieval_callback.py); keep these runs short.
     trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-    trainer["callbacks"][0]["init_args"].update(dirpath=str(run_dir / "checkpoints"), monitor=None, filename="step{step}")
+    trainer["callbacks"][0]["init_args"].update(monitor=None, filename="step{step}")
     config["model"].update(backbone="resnet18", embedding_dim=32, **model_changes)
     config["data"].update(
         data_root=str(data_root / "gldv2"), image_size=64, batch_size=8, num_workers=0, val_fraction=0.2
@@ -57,14 +56,6 @@ def test_fit_two_steps_logs_loss_accuracy_lr_and_scale_to_wandb(tmp_path, synthe
     assert run_config["backbone"] == "resnet18" and run_config["loss"] == "arcface"
 
 
-class _RecordStartState(Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
-        self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
-        self.global_step = trainer.global_step
-        self.lr = [g["lr"] for g in trainer.optimizers[0].param_groups]
-
-
 def test_resume_from_checkpoint_restores_weights_optimizer_schedule_and_loss_buffers(tmp_path, synthetic_data):
     config = write_config(tmp_path, synthetic_data, loss="curricularface", loss_options={"s": 30.0, "m": 0.15})
     train.main(["fit", "--config", str(config), "--trainer.max_steps=3", "--trainer.max_epochs=3"])
@@ -73,10 +64,9 @@ def test_resume_from_checkpoint_restores_weights_optimizer_schedule_and_loss_buf
     assert saved["global_step"] == 3
     assert float(saved["state_dict"]["loss_fn.t"]) != 0.0  # CurricularFace's running t moved
 
-    cli = train.main(["--config", str(config), "--trainer.max_steps=5", "--trainer.max_epochs=3"], run=False)
-    probe = _RecordStartState()
-    cli.trainer.callbacks.append(probe)
-    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(last))
+    cli = train.main(["fit", "--config", str(config), "--trainer.max_steps=5", "--trainer.max_epochs=3",
+                      "--trainer.callbacks+=run_probes.RecordStartState", f"--ckpt_path={last}"])
+    probe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RecordStartState))
     assert probe.global_step == 3
     for key, value in saved["state_dict"].items():
         assert torch.equal(probe.state[key], value), key
@@ -118,7 +108,7 @@ def test_nonfinite_loss_stops_naming_step_and_batch_and_keeps_checkpoints(tmp_pa
     cli.trainer.callbacks.insert(0, _PoisonWeights(at=2))
     with pytest.raises(NonFiniteLossError, match=r"global step 2, epoch 0, batch 2"):
         cli.trainer.fit(cli.model, cli.datamodule)
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step2.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
 
