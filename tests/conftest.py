@@ -3,13 +3,21 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
+# Forced, not os.environ.setdefault: the tests read the offline run files W&B writes into their
+# temp folders, so nothing from the calling shell may change that. Every inherited WANDB_* goes
+# (WANDB_MODE=online/disabled, WANDB_DIR, WANDB_CONFIG_DIR and the settings file in it,
+# WANDB_RUN_ID / WANDB_RESUME, WANDB_SERVICE: a wandb-core owned by another process, which
+# wandb.teardown() would then not wait for, see wandb_records.run_file).
+for _var in [v for v in os.environ if v.startswith("WANDB_")]:
+    del os.environ[_var]
 _WANDB_HOME = tempfile.mkdtemp(prefix="sg-train-wandb-")
-for _var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-    os.environ.setdefault(_var, _WANDB_HOME)
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    NO_ALBUMENTATIONS_UPDATE="1",
+    WANDB_MODE="offline",
+    WANDB_SILENT="true",
+    **dict.fromkeys(("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"), _WANDB_HOME),
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

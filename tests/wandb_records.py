@@ -2,14 +2,27 @@
 
 wandb 0.31 no longer ships a reader for its run files. The format is a LevelDB-style log: a
 7-byte file header (``:W&B``, magic 0xBEE1, version 0), then 32 KiB blocks of records, each with a
-7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) around a chunk of a
-serialised ``wandb.proto.wandb_internal_pb2.Record``; block tails shorter than a header are zero
-padding.
+7-byte header (crc32 of the type byte and the data, length, type: 1 full, 2 first, 3 middle,
+4 last) around a chunk of a serialised ``wandb.proto.wandb_internal_pb2.Record``. The file header
+counts as part of block 0. A block tail shorter than a chunk header is zero padding; a tail of
+exactly 7 bytes holds an empty ``first`` chunk. Anything else (a zero or unknown chunk header, a bad
+checksum, a chunk cut off by the end of the file, a record left unfinished) is an error here, not
+something to skip: a reader that skips quietly turns a damaged or half-written file into "nothing
+was logged".
+
+wandb-core buffers the current block in memory and writes it out only when the block is full or
+when the run's stream closes. That close happens when wandb-core handles the ``inform_finish``
+message that ``wandb.finish()`` sends *without waiting for an answer*, so when ``finish()``
+returns the file can still be just its 7-byte header. ``run_file`` therefore also calls
+``wandb.teardown()``, which waits for the wandb-core process to exit (it handles a connection's
+messages in order, so the finish, and with it the write, comes first), and then checks that the
+file ends the run (has its ``exit`` record).
 """
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -17,42 +30,73 @@ from wandb.proto import wandb_internal_pb2
 BLOCK = 32768
 HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+IDENT, MAGIC, VERSION = b":W&B", 0xBEE1, 0
 
 
 def iter_records(path: str | Path):
+    """Every record of the run file, in order; ``ValueError`` where the file is not a whole log."""
     data = Path(path).read_bytes()
+    if len(data) < HEADER:
+        raise ValueError(f"{path}: {len(data)} bytes, shorter than the W&B file header")
     ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
-    if ident != b":W&B" or magic != 0xBEE1:
+    if ident != IDENT or magic != MAGIC:
         raise ValueError(f"{path} is not a W&B run file (header {ident!r} {magic:#x})")
-    offset, pending = HEADER, b""
-    while offset + HEADER <= len(data):
+    if version != VERSION:
+        raise ValueError(f"{path}: W&B run file version {version}, this reader knows {VERSION}")
+    offset, pending, in_record = HEADER, b"", False
+    while offset < len(data):
         space = BLOCK - offset % BLOCK
-        if space < HEADER:
+        if space < HEADER:  # too short for a chunk header: the writer zero-filled it
+            if data[offset : offset + space].strip(b"\0"):
+                raise ValueError(f"{path}: non-zero bytes in the block padding at offset {offset}")
             offset += space
             continue
-        _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
-        if kind == 0:  # zero padding: the writer moved on to the next block
-            offset += space
-            continue
-        chunk = data[offset + HEADER : offset + HEADER + length]
-        offset += HEADER + length
-        pending = chunk if kind in (FULL, FIRST) else pending + chunk
+        if offset + HEADER > len(data):
+            raise ValueError(f"{path}: ends inside a chunk header at offset {offset}")
+        checksum, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        if kind not in (FULL, FIRST, MIDDLE, LAST):
+            raise ValueError(f"{path}: chunk type {kind} at offset {offset} (zeroed or damaged)")
+        end = offset + HEADER + length
+        if length > space - HEADER:
+            raise ValueError(f"{path}: chunk at offset {offset} ({length} bytes) runs past its block")
+        if end > len(data):
+            raise ValueError(f"{path}: chunk at offset {offset} cut off by the end of the file")
+        if zlib.crc32(data[offset + HEADER - 1 : end]) != checksum:
+            raise ValueError(f"{path}: bad checksum of the chunk at offset {offset}")
+        if (kind in (FULL, FIRST)) == in_record:
+            raise ValueError(f"{path}: chunk type {kind} at offset {offset} out of order")
+        pending = data[offset + HEADER : end] if kind in (FULL, FIRST) else pending + data[offset + HEADER : end]
+        in_record = kind in (FIRST, MIDDLE)
+        offset = end
         if kind in (FULL, LAST):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             yield record
             pending = b""
+    if in_record:
+        raise ValueError(f"{path}: ends inside a record")
 
 
 def run_file(wandb_dir: str | Path) -> Path:
-    """The one offline run file under ``wandb_dir``, after finishing the live run (which flushes it)."""
+    """The one offline run file under ``wandb_dir``, complete: finishes the live run, waits for
+    wandb-core to write and close the file (``wandb.teardown``), checks it has the ``exit`` record."""
     import wandb
 
     if wandb.run is not None:
         wandb.finish()
+    # finish() does not wait for wandb-core to close the run's stream (which writes the last,
+    # partly filled block); teardown() waits for the wandb-core process to exit. A later
+    # wandb.init starts a new one.
+    wandb.teardown()
     files = sorted(Path(wandb_dir).glob("**/offline-run-*/run-*.wandb"))
     if len(files) != 1:
         raise AssertionError(f"expected one offline run under {wandb_dir}, found {files}")
+    kinds = [record.WhichOneof("record_type") for record in iter_records(files[0])]
+    if "exit" not in kinds:
+        raise AssertionError(
+            f"{files[0]} ({files[0].stat().st_size} bytes, records {kinds}) has no exit record: "
+            "wandb-core has not finished writing it"
+        )
     return files[0]
 
 
@@ -72,5 +116,5 @@ def config(path: str | Path) -> dict:
         kind = record.WhichOneof("record_type")
         updates = record.config.update if kind == "config" else record.run.config.update if kind == "run" else ()
         for item in updates:
-                merged[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            merged[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return merged
