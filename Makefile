@@ -24,8 +24,11 @@ $(DATA)/.complete: | $(STAMP)
 
 data: $(DATA)/.complete
 
+# A new run folder each time: runs/demo, then runs/demo-2, runs/demo-3, ... (a run folder is never reused).
 demo: $(STAMP) $(DATA)/.complete
-	WANDB_MODE=offline $(PY) train.py fit --config configs/demo.yaml
+	@run=runs/demo; n=1; while [ -e "$$run" ]; do n=$$((n + 1)); run=runs/demo-$$n; done; \
+	echo "run folder: $$run"; \
+	WANDB_MODE=offline $(PY) train.py fit --config configs/demo.yaml --trainer.default_root_dir "$$run"
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -34,4 +37,4 @@ test-all: $(STAMP)
 	$(PY) -m pytest -m ""
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo-*

@@ -19,13 +19,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from callbacks.finite_loss import FiniteLossGuard  # noqa: E402
 from callbacks.last_checkpoint import LastCheckpoint  # noqa: E402
+from callbacks.log_progress import batch_log_progress_bar  # noqa: E402
 from callbacks.skipped_images import SkippedImagesReport  # noqa: E402
 from datamodules.gldv2 import GLDv2DataModule  # noqa: E402
 from sg_train.module import LandmarkRetrievalModule  # noqa: E402
@@ -108,6 +109,12 @@ class TrainCLI(LightningCLI):
                 args.resume = "allow"  # one W&B run for the whole run, across resumes
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        bar = batch_log_progress_bar()  # plain lines under nohup/SLURM, Lightning's bar on a terminal
+        if bar is not None and config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in listed):
+            kwargs.setdefault("callbacks", [*listed, bar])
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand in (None, "fit"):
             self._prepare_run(trainer)
