@@ -24,8 +24,6 @@ gnd file name (gnd_<name>.pkl). Any error: one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import tempfile
@@ -41,12 +39,14 @@ from datamodules.r1m import R1MDataset  # noqa: E402
 from datamodules.revisited import RevisitedDataset  # noqa: E402
 from sg_train.descriptor_cache import DescriptorCache, dataset_fingerprint, model_fingerprint  # noqa: E402
 from sg_train.extraction import DEFAULT_SCALES, extract_all  # noqa: E402
+from sg_train.files import write_json  # noqa: E402
 from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
 from sg_train.model import EmbeddingModel  # noqa: E402
 from sg_train.r1m_extraction import R1MDescriptors, R1MExtractionError, extract_r1m  # noqa: E402
 from sg_train.retrieval import (  # noqa: E402
     BACKENDS,
     INDEX_TYPES,
+    check_rerank_params,
     dataset_name,
     evaluate_descriptors,
     format_results_table,
@@ -100,10 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_matrix(path: str, what: str, mmap: bool) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
+    size = os.path.getsize(path)
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{what} file {path} is not a plain .npy array ({exc})") from None
+    except (ValueError, EOFError) as exc:
+        state = "is empty (0 bytes)" if size == 0 else f"({size:,} bytes) is not a plain .npy array ({exc})"
+        raise ValueError(f"{what} file {path} {state}; it should be one 2-D float array written by numpy.save: "
+                         "write it again") from None
     if not isinstance(arr, np.ndarray):
         raise ValueError(f"{what} file {path} is not a single .npy array")
     if arr.ndim != 2 or arr.dtype.kind != "f":
@@ -118,6 +121,8 @@ def evaluate_descriptor_files(args: argparse.Namespace) -> dict[str, dict[str, A
     gnd = load_gnd(args.gnd)
     Q = _load_matrix(q_path, "query descriptor", mmap=False)
     X = _load_matrix(x_path, "database descriptor", mmap=True)
+    if args.rerank:  # before the search: a database too small for K fails at once
+        check_rerank_params(X.shape[0], args.M, args.K, args.beta, what=f"database descriptor file {x_path}")
     res = evaluate_descriptors(Q, X, gnd, rerank=args.rerank, M=args.M, K=args.K, beta=args.beta,
                                backend=args.backend, topk=args.topk, faiss_index=args.faiss_index)
     return {dataset_name(args.gnd): res}
@@ -162,6 +167,14 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         key = {"model": fingerprint, "scales": list(args.scales), "data": dataset_fingerprint(dataset)}
         return cache.get_or_compute(key, compute)
 
+    benchmarks = {}
+    for name in args.datasets:  # every benchmark read (and its reranking checked) before any extraction
+        queries = RevisitedDataset(args.data_root, name, "query", **preprocessing, max_size=args.max_size)
+        database = RevisitedDataset(args.data_root, name, "database", **preprocessing, max_size=args.max_size)
+        if args.rerank:
+            check_rerank_params(len(database), args.M, args.K, args.beta, what=f"{name} ({database.gnd_path})")
+        benchmarks[name] = queries, database
+
     r1m = None
     if args.r1m:
         out = Path(args.r1m_out or Path(args.cache_dir) / f"r1m-{fingerprint[:16]}")
@@ -173,9 +186,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     search = {"rerank": args.rerank, "M": args.M, "K": args.K, "beta": args.beta, "backend": args.backend,
               "topk": args.topk, "faiss_index": args.faiss_index}
-    for name in args.datasets:
-        queries = RevisitedDataset(args.data_root, name, "query", **preprocessing, max_size=args.max_size)
-        database = RevisitedDataset(args.data_root, name, "database", **preprocessing, max_size=args.max_size)
+    for name, (queries, database) in benchmarks.items():
         Q, X = descriptors(queries), descriptors(database)
         results[name] = evaluate_descriptors(Q, X, queries.gnd, **search)
         if r1m is not None:
@@ -186,17 +197,11 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return results
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isnan(value):
-        return None  # a protocol without any query that has positives
-    return value
-
-
 def results_json(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The numbers of ``results`` that go to ``--json`` (NaN, for a protocol without any query that
+    has positives, is written as null by :func:`sg_train.files.write_json`)."""
     keys = ("mAP", "rerank_mAP", "mP", "rerank_mP")
-    return {name: {k: _jsonable(res[k]) for k in keys if k in res} for name, res in results.items()}
+    return {name: {k: res[k] for k in keys if k in res} for name, res in results.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate_descriptor_files(args) if args.descriptors else evaluate_model(args)
         print(format_results_table(results))
         if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(results_json(results), fh, indent=2)
-                fh.write("\n")
+            write_json(args.json, results_json(results))
     except Exception as exc:  # any failure: one clear line, non-zero status
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"evaluate.py: error: {message}", file=sys.stderr)

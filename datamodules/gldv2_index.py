@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sg_train.files import atomic_write
+from sg_train.files import write_json
 
 __all__ = [
     "SPLIT_FORMAT",
@@ -79,14 +79,39 @@ class GLDv2Rows:
 # --------------------------------------------------------------------------- reading
 
 
+_FORMATS = "'id,url,landmark_id' (train.csv) or 'landmark_id,images' (train_clean.csv)"
+
+
+def _read_csv(path: str, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` as UTF-8 (a BOM is skipped); a file in another encoding raises GLDv2CSVError."""
+    try:
+        return pd.read_csv(path, encoding="utf-8-sig", **kwargs)
+    except UnicodeDecodeError as e:
+        raise GLDv2CSVError(
+            f"{path}: not UTF-8 text (it holds the byte {e.object[e.start:e.start + 1]!r}); "
+            "save the file as UTF-8 (GLDv2's own CSVs are)"
+        ) from None
+
+
 def _header(path: str) -> list[str]:
     try:
-        cols = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
+        cols = _read_csv(path, nrows=0).columns
     except FileNotFoundError:
         raise FileNotFoundError(f"GLDv2 CSV not found: {path}") from None
     except pd.errors.EmptyDataError:
-        raise GLDv2CSVError(f"{path}: empty file (expected a header line)") from None
+        raise GLDv2CSVError(
+            f"{path}: empty file or only blank lines; expected a header line {_FORMATS} followed by the rows "
+            "(download the file again if it was cut short)"
+        ) from None
     return [str(c) for c in cols]
+
+
+def _no_rows_error(path: str, fmt: str) -> GLDv2CSVError:
+    row = "one line per image: id,url,landmark_id" if fmt == "train" else "one line per landmark: landmark_id,images"
+    return GLDv2CSVError(
+        f"{path}: has a header line but no rows (expected {row}); the file is empty past its header: "
+        "download it again or point csv at the full file"
+    )
 
 
 def _bad_row_error(path: str, values: pd.Series, what: str) -> GLDv2CSVError:
@@ -106,7 +131,7 @@ def _landmark_ids(path: str, col: pd.Series, colname: str) -> np.ndarray:
     if pd.api.types.is_integer_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
         return col.to_numpy(dtype=np.int64)
     # slow path, only on bad input: re-read the column as text to name the row
-    raw = pd.read_csv(path, usecols=[colname], dtype=str, keep_default_na=False, encoding="utf-8-sig").iloc[:, 0]
+    raw = _read_csv(path, usecols=[colname], dtype=str, keep_default_na=False).iloc[:, 0]
     raise _bad_row_error(path, raw, "landmark_id")
 
 
@@ -115,7 +140,7 @@ def _read_train_ids(path: str, id_col: str, lid_col: str) -> tuple[np.ndarray, p
     # truncate silently: an id as long as the width means "re-read wider".
     width = _ID_WIDTH
     while True:
-        df = pd.read_csv(path, usecols=[id_col, lid_col], dtype={id_col: f"S{width}"}, encoding="utf-8-sig")
+        df = _read_csv(path, usecols=[id_col, lid_col], dtype={id_col: f"S{width}"})
         ids = df[id_col].to_numpy()
         lens = np.char.str_len(ids) if len(ids) else np.zeros(0, dtype=np.int64)
         if not len(ids) or lens.max() < width:
@@ -137,7 +162,12 @@ def _count_tokens(rows: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_gldv2_csv(path: str | os.PathLike) -> GLDv2Rows:
-    """Read ``train.csv`` or ``train_clean.csv`` (format told by columns, then by name) into rows sorted by id."""
+    """Read ``train.csv`` or ``train_clean.csv`` (format told by columns, then by name) into rows sorted by id.
+
+    UTF-8 text, with or without a BOM. Raises FileNotFoundError for a missing file and
+    GLDv2CSVError, naming the file and the fix, for a file that is empty, holds only a header,
+    is not UTF-8, lacks a column, or has a bad, empty, too short or repeated value (naming the row).
+    """
     path = os.fspath(path)
     cols = _header(path)
     stripped = [c.strip() for c in cols]
@@ -157,6 +187,8 @@ def read_gldv2_csv(path: str | os.PathLike) -> GLDv2Rows:
     colname = {c: cols[stripped.index(c)] for c in required}
     if fmt == "train":
         ids, lid_col = _read_train_ids(path, colname["id"], colname["landmark_id"])
+        if not len(ids):
+            raise _no_rows_error(path, fmt)
         lids = _landmark_ids(path, lid_col, colname["landmark_id"])
         row_of = None
         empty = np.char.str_len(ids) == 0 if len(ids) else np.zeros(0, dtype=bool)
@@ -164,14 +196,16 @@ def read_gldv2_csv(path: str | os.PathLike) -> GLDv2Rows:
             i = int(np.flatnonzero(empty)[0])
             raise GLDv2CSVError(f"{path}: row {i + 1} (line {i + 2}): empty image id ({int(empty.sum())} such rows)")
     else:
-        df = pd.read_csv(
-            path,
-            usecols=[colname["landmark_id"], colname["images"]],
-            dtype={colname["images"]: object},
-            encoding="utf-8-sig",
-        )
+        df = _read_csv(path, usecols=[colname["landmark_id"], colname["images"]], dtype={colname["images"]: object})
+        if not len(df):
+            raise _no_rows_error(path, fmt)
         lids = _landmark_ids(path, df[colname["landmark_id"]], colname["landmark_id"])
         ids, counts = _count_tokens(df[colname["images"]].fillna("").astype(str).tolist())
+        if not len(ids):
+            raise GLDv2CSVError(
+                f"{path}: its {len(df)} landmark row(s) list no image ids (column 'images' is empty); "
+                "write the space-separated image ids of each landmark there"
+            )
         lids = np.repeat(lids, counts)
         row_of = np.repeat(np.arange(len(df)), counts)
     if len(ids):
@@ -245,10 +279,10 @@ def default_split_path(data_root: str | os.PathLike, csv: str, min_images: int, 
     return os.path.join(os.fspath(data_root), "splits", f"{stem}_min{min_images}_val{val_fraction:g}_seed{seed}.json")
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
+def _write_split_file(path: str, obj: dict) -> None:
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        atomic_write(path, lambda f: json.dump(obj, f), mode="w")
+        write_json(path, obj)
     except OSError as e:
         raise OSError(f"cannot write split file {path!r} ({e}); set split_file to a writable location") from e
 
@@ -366,7 +400,7 @@ def build_gldv2_split(
     else:
         val_mask = stratified_split(labels, val_fraction, seed)
         if split_path is not None:
-            _write_json_atomic(
+            _write_split_file(
                 split_path,
                 {
                     "format": SPLIT_FORMAT,

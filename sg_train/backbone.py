@@ -4,6 +4,10 @@
 global_pool="")`` and checks that its ``forward_features`` returns an NCHW map (pooling heads
 need one; ViTs return token sequences and are refused with an error naming the model).
 
+``read_state_dict(path)`` / ``load_torch_file(path, ...)`` read a weights or checkpoint file; a
+file that cannot be read (empty, cut short, an HTML page or a Git LFS pointer instead of the
+weights) raises :class:`WeightsFileError` naming the path, its size and what it should hold.
+
 ``load_backbone_weights(model, path)`` loads a local weights file and checks it strictly:
 the only keys allowed to be absent from the model are the classifier's (timm's
 ``pretrained_cfg["classifier"]``, e.g. ``fc.*`` of a ResNet, which ``num_classes=0`` removes);
@@ -24,8 +28,10 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "WeightsFileError",
     "WeightsMismatchError",
     "create_backbone",
+    "load_torch_file",
     "read_state_dict",
     "load_backbone_weights",
     "classifier_prefixes",
@@ -40,6 +46,68 @@ NESTED_STATE_KEYS = ("state_dict", "model", "model_state")
 
 class WeightsMismatchError(ValueError):
     """A weights file whose keys or shapes do not fit the model."""
+
+
+class WeightsFileError(WeightsMismatchError):
+    """A weights or checkpoint file that cannot be read at all: empty, cut short or another format."""
+
+
+def _looks_like(head: bytes) -> str:
+    """What the first bytes of a file that should hold weights suggest instead ("" when nothing)."""
+    if head.startswith(b"version https://git-lfs"):
+        return ", but it is a Git LFS pointer: run `git lfs pull` in the repository it came from"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml")):
+        return ", but it is an HTML/XML page (a failed or login-walled download?): download it again"
+    return ""
+
+
+def _unreadable(
+    path: Path, what: str, expected: str, exc: BaseException | None = None, hint: str = ""
+) -> WeightsFileError:
+    """The :class:`WeightsFileError` for ``path``: its size, what it should be, why and the fix.
+
+    ``what`` names the role ("checkpoint", "weights file"), ``expected`` the content it should
+    have; ``exc`` is the reader's own error (None for an empty file); ``hint`` is added unless
+    the first bytes show the file is something else entirely (an LFS pointer, a web page).
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return WeightsFileError(
+            f"{what} {path} is empty (0 bytes); it should be {expected}. The file was cut short "
+            "(a full disk or an interrupted copy or download): copy or download it again"
+        )
+    with open(path, "rb") as fh:
+        other = _looks_like(fh.read(64))
+    first = " ".join(str(exc).split()).split(". ")[0][:200] if exc is not None else ""
+    cause = f" ({type(exc).__name__}: {first})" if exc is not None else ""
+    return WeightsFileError(
+        f"cannot read {what} {path} ({size:,} bytes){cause}; it should be {expected}"
+        + (other or f". If it is cut short or damaged, copy or download it again{hint}")
+    )
+
+
+def load_torch_file(path: str | os.PathLike, *, what: str, expected: str, weights_only: bool = True) -> object:
+    """``torch.load(path)`` onto the CPU, with an error that names the file when it cannot be read.
+
+    Raises FileNotFoundError for a missing file and :class:`WeightsFileError` (a ValueError)
+    naming ``what``, the path, its size in bytes and ``expected`` for an empty, truncated or
+    foreign file. With ``weights_only`` (no code runs) a file holding other objects is refused
+    too, with a hint: pass ``weights_only=False`` only for files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise _unreadable(path, what, expected)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # noqa: BLE001 - re-raised naming the file, its size and what it should be
+        hint = (
+            "; it may also hold objects other than tensors: if the file is from a source you trust, "
+            "trust_pickle=True lets it unpickle them"
+            if weights_only and "weights_only" in str(exc) else ""
+        )
+        raise _unreadable(path, what, expected, exc, hint) from exc
 
 
 def natural_key(text: str) -> list[object]:
@@ -118,30 +186,32 @@ def _check_nchw(model: nn.Module, name: str) -> None:
         )
 
 
-def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, *, trust_pickle: bool = False, what: str = "weights file"
+) -> dict[str, Tensor]:
     """Read a weights file (.safetensors, or anything ``torch.load`` reads: .pth/.pt/.bin/.ckpt).
 
     A state dict nested under ``state_dict`` / ``model`` / ``model_state`` is unwrapped; a
     ``module.`` prefix carried by every key (DataParallel/DDP) is stripped. Loaded on the CPU
     with ``weights_only=True`` (no code runs) unless ``trust_pickle`` is set, which lets a
     file you trust unpickle arbitrary objects (e.g. an old checkpoint holding numpy scalars).
+    ``what`` names the file's role in errors. Raises FileNotFoundError, :class:`WeightsFileError`
+    for a file that cannot be read (empty, truncated, another format; naming path and size) and
+    :class:`WeightsMismatchError` for one that holds no state dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
+    expected = "a state dict of tensors saved with torch.save (.pth/.pt/.bin/.ckpt) or a .safetensors file"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        obj: object = load_file(str(path), device="cpu")
-    else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            hint = "" if trust_pickle else (
-                " (read with weights_only=True; if the file is from a source you trust, "
-                "trust_pickle=True lets it unpickle other objects)"
-            )
-            raise WeightsMismatchError(f"cannot read weights file {path}: {exc}{hint}") from exc
+            obj: object = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - re-raised naming the file, its size and what it should be
+            raise _unreadable(path, what, "a .safetensors file", exc) from exc
+    else:
+        obj = load_torch_file(path, what=what, expected=expected, weights_only=not trust_pickle)
     for key in NESTED_STATE_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

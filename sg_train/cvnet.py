@@ -233,10 +233,11 @@ def load_cvnet_weights(
 
     ``model_options`` as in :func:`cvnet_state_dict_to_embedding_model`; e.g. the SuperGlobal
     setting is ``head="rgem+gemp+sgem", relu_plus=True, scales=(0.7071, 1.0, 1.4142)``.
-    FileNotFoundError for a missing file; ``trust_pickle`` as in
-    :func:`sg_train.backbone.read_state_dict`.
+    FileNotFoundError for a missing file, :class:`~sg_train.backbone.WeightsFileError` for one
+    that cannot be read (empty, truncated, another format: naming path and size);
+    ``trust_pickle`` as in :func:`sg_train.backbone.read_state_dict`.
     """
-    state = read_state_dict(path, trust_pickle=trust_pickle)
+    state = read_state_dict(path, trust_pickle=trust_pickle, what="CVNet weights file")
     try:
         return cvnet_state_dict_to_embedding_model(state, depth, **model_options)
     except WeightsMismatchError as exc:

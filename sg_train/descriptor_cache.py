@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .files import array_digest, atomic_write
+from .files import array_digest, atomic_write, write_json
 
 __all__ = ["CacheEntryWarning", "DescriptorCache", "canonical_json", "dataset_fingerprint", "model_fingerprint"]
 
@@ -161,7 +161,7 @@ class DescriptorCache:
         meta = {"key": json.loads(canonical_json(key)), "dtype": self.dtype, "shape": list(array.shape),
                 "digest": array_digest(array)}
         atomic_write(npy, lambda fh: np.save(fh, array, allow_pickle=False))
-        atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+        write_json(meta_path, meta)
         return torch.from_numpy(array.astype(np.float32))
 
     def get_or_compute(self, key: dict, compute: Callable[[], Tensor]) -> Tensor:

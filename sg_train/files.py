@@ -1,9 +1,12 @@
-"""Durable files: atomic writes (a reader sees the old file or the new one, never half of one)
-and content digests of arrays written to disk (to tell a damaged file from a good one)."""
+"""Durable files: atomic writes (a reader sees the old file or the new one, never half of one),
+strict JSON (never a bare ``NaN``), and content digests of arrays written to disk (to tell a
+damaged file from a good one)."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -12,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["array_digest", "atomic_write"]
+__all__ = ["array_digest", "atomic_write", "write_json"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -30,6 +33,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with only JSON types left: every non-finite float (Python or numpy) becomes ``None``.
+
+    Dicts (keys turned into ``str``), lists and tuples are converted recursively; numpy scalars
+    become Python ``bool``/``int``/``float``, numpy arrays nested lists. Anything else is returned
+    as is (``json.dumps`` then says what it cannot write).
+    """
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` to ``path`` as strict JSON (indent 2, trailing newline), atomically.
+
+    Non-finite floats are written as ``null`` (see ``_json_safe``), so the file is valid JSON
+    for every reader (``NaN`` is not JSON). Raises ``TypeError`` for values JSON has no type for.
+    """
+    text = json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def array_digest(array: np.ndarray) -> str:

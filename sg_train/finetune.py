@@ -15,25 +15,29 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from sg_train.backbone import state_dict_mismatches
+from sg_train.backbone import WeightsFileError, load_torch_file, state_dict_mismatches
 
 MODEL_PREFIX = "model."
 LOSS_PREFIX = "loss_fn."
+CHECKPOINT_CONTENT = "a Lightning checkpoint (.ckpt) written by train.py"
 
 
 def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint onto the CPU and check that it holds a ``state_dict``.
 
     Lightning checkpoints pickle their hyper-parameters, so ``weights_only=False`` is needed: load
-    only checkpoints you trust.
+    only checkpoints you trust. Raises FileNotFoundError for a missing file and
+    :class:`~sg_train.backbone.WeightsFileError` (a ValueError) naming the path for a file that is
+    empty, truncated or not a Lightning checkpoint (its size, or the keys it holds).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_torch_file(path, what="checkpoint", expected=CHECKPOINT_CONTENT, weights_only=False)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        keys = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise KeyError(f"{path} is not a Lightning checkpoint: no 'state_dict' key (found: {keys})")
+        keys = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise WeightsFileError(
+            f"{path} is not a Lightning checkpoint: no 'state_dict' key (found: {keys}); it should be "
+            f"{CHECKPOINT_CONTENT} (a plain weights file goes to pretrained_weights instead)"
+        )
     return checkpoint
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sg_train.backbone import WeightsFileError
 from sg_train.cvnet import load_cvnet_weights
 from sg_train.finetune import MODEL_PREFIX, check_exact_fit, read_lightning_checkpoint, split_state_dict
 from sg_train.model import EmbeddingModel
@@ -44,13 +45,18 @@ def model_from_checkpoint(
 
     The architecture comes from the checkpoint's hyper-parameters; every weight must fit exactly
     (a checkpoint without the expected keys is refused, naming them). Switches only add
-    SuperGlobal components; with ``gemp`` a trained GeM p is left unused.
+    SuperGlobal components; with ``gemp`` a trained GeM p is left unused. Raises
+    FileNotFoundError, and :class:`~sg_train.backbone.WeightsFileError` for a file that cannot be
+    read or lacks the sg-train hyper-parameters.
     """
     checkpoint = read_lightning_checkpoint(path)
     hparams: dict[str, Any] = dict(checkpoint.get("hyper_parameters") or {})
     missing = [key for key in ("backbone", "head", "embedding_dim") if key not in hparams]
     if missing:
-        raise KeyError(f"{path} has no sg-train hyper-parameters {missing}; was it written by train.py?")
+        raise WeightsFileError(
+            f"{path} has no sg-train hyper-parameters {missing}; was it written by train.py? "
+            "(CVNet weights go to --cvnet-weights)"
+        )
     options = dict(hparams.get("model_options") or {})
     if scales is not None:
         options["scales"] = tuple(scales)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import create_backbone, load_backbone_weights
+from .options import check_option_types
 from .pooling.head import PoolingHead
 from .relu_plus import RELU_PLUS_ALPHA, apply_relu_plus
 
@@ -65,6 +66,10 @@ class EmbeddingModel(nn.Module):
         input_format: channel order the model expects, "rgb" or "bgr".
         mean, std: per-channel normalisation, in ``input_format`` order, of pixels in [0, 1].
             Default: the timm model's ``pretrained_cfg`` mean/std (RGB; reversed for "bgr").
+
+    Raises ValueError for an argument of the wrong type (e.g. ``gem_p="3"`` from a YAML
+    ``model_options``), naming it and the value to write (:func:`check_option_types`), and for
+    values out of range.
     """
 
     def __init__(
@@ -87,6 +92,8 @@ class EmbeddingModel(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
+        options = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        check_option_types("model", EmbeddingModel.__init__, options)
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")

@@ -56,11 +56,35 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_
 
 
 def resolve_warmup_steps(warmup: float, total_steps: int) -> int:
-    """``warmup`` < 1 is a fraction of the run, >= 1 a number of steps."""
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0 (a step count or a fraction of the run), got {warmup}")
-    steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
-    return min(steps, total_steps)
+    """Warm-up length in optimizer steps: ``warmup`` < 1 is a fraction of the run, >= 1 a step count.
+
+    ``total_steps`` is the run's number of optimizer steps. Raises ValueError, naming
+    ``model.warmup`` and the fix, for a negative or non-finite ``warmup``, a step count that is
+    not a whole number, or one longer than the run; and for a run of no steps at all.
+    """
+    if total_steps <= 0:
+        raise ValueError(
+            f"the run has {total_steps} optimizer steps, so there is nothing to train: set trainer.max_epochs "
+            "or trainer.max_steps above 0 and give the training set at least one full batch"
+        )
+    if not (math.isfinite(warmup) and warmup >= 0):
+        raise ValueError(
+            f"model.warmup must be >= 0 (a fraction of the run below 1, or a step count), got {warmup}; "
+            "e.g. write warmup: 0.05"
+        )
+    if warmup < 1:
+        return int(round(warmup * total_steps))
+    if warmup != int(warmup):
+        raise ValueError(
+            f"model.warmup = {warmup} is neither a fraction of the run (< 1) nor a whole number of steps; "
+            f"write warmup: {int(warmup)} (steps) or a fraction such as 0.05"
+        )
+    if warmup > total_steps:
+        raise ValueError(
+            f"model.warmup = {int(warmup)} steps is longer than the run, which has {total_steps} optimizer steps; "
+            f"write a fraction of the run below 1 (e.g. warmup: 0.05) or at most {total_steps} steps"
+        )
+    return int(warmup)
 
 
 def warmup_cosine_schedule(

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .descriptor_cache import dataset_fingerprint, model_fingerprint
 from .extraction import extract_descriptors
-from .files import array_digest, atomic_write
+from .files import array_digest, atomic_write, write_json
 
 __all__ = ["R1MDescriptors", "R1MExtractionError", "R1MChunkWarning", "extract_r1m"]
 
@@ -217,7 +217,7 @@ def _prepare(out_dir: Path, want: dict[str, Any], names: list[str]) -> dict[str,
     atomic_write(out_dir / want["data_file"], lambda fh: fh.truncate(size))  # a sparse file of zeros
     atomic_write(out_dir / NAMES, lambda fh: fh.write("".join(f"{n}\n" for n in names).encode()))
     (out_dir / CHUNKS).mkdir(exist_ok=True)
-    atomic_write(out_dir / META, lambda fh: fh.write(json.dumps(want, indent=1).encode()))
+    write_json(out_dir / META, want)
     return want
 
 
@@ -299,7 +299,7 @@ def extract_r1m(
                 data[r0:r1] = block
                 data.flush()
                 record = {"chunk": c, "rows": [r0, r1], "failed": sorted(failed), "digest": array_digest(block)}
-                atomic_write(_record_path(out_dir, c), lambda fh: fh.write(json.dumps(record).encode()))
+                write_json(_record_path(out_dir, c), record)
                 bar.update(1)
                 if on_chunk_done is not None:
                     on_chunk_done(c)

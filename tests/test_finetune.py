@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sg_train.backbone import WeightsFileError
 from sg_train.finetune import check_exact_fit, load_finetune_weights, transfer_class_weights
 from sg_train.module import LandmarkRetrievalModule
 
@@ -55,7 +56,7 @@ def test_missing_and_non_lightning_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_finetune_weights(make(2), tmp_path / "nope.ckpt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
-    with pytest.raises(KeyError, match="not a Lightning checkpoint"):
+    with pytest.raises(WeightsFileError, match="not a Lightning checkpoint"):
         load_finetune_weights(make(2), tmp_path / "plain.pt")
 
 

@@ -125,7 +125,7 @@ def test_preprocessing_defaults_and_bgr():
         ({"std": (0.0, 1.0, 1.0)}, "std must be > 0"),
         ({"scales": ()}, "scales"),
         ({"scales": (1.0, -0.5)}, "scales"),
-        ({"sgem": "avg"}, "sgem must be one of"),
+        ({"sgem": "avg"}, "'sgem' must be one of 'max', 'finite'"),
         ({"embedding_dim": 0}, "embedding_dim"),
     ],
 )

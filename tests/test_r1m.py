@@ -1,6 +1,7 @@
 """R1M distractors: list reading, missing files, resumable memory-mapped extraction (also after SIGKILL)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -198,3 +199,15 @@ def test_open_checks_the_model(reference, weights):
     torch.manual_seed(5)
     with pytest.raises(R1MExtractionError, match="another model"):
         R1MDescriptors.open(reference.out_dir, model=build_model())
+
+
+def test_extraction_records_are_strict_json(reference):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    records = [reference.out_dir / "meta.json", *sorted((reference.out_dir / "chunks").glob("*.json"))]
+    assert len(records) > 1
+    for path in records:
+        text = path.read_text(encoding="utf-8")
+        assert text.endswith("\n")
+        json.loads(text, parse_constant=refuse)

@@ -77,7 +77,7 @@ def test_gpu_equals_cpu():
 def test_bad_inputs():
     gnd, Q, X = _data(5, nq=3, n=60, dim=8)
     idx, _ = search(Q, X, 30)
-    with pytest.raises(RetrievalInputError, match=r"K\+1=10 neighbours cannot be taken from the top M=9"):
+    with pytest.raises(RetrievalInputError, match=r"M=9 is smaller than K\+1=10"):
         superglobal_rerank(Q, X, idx, M=9, K=9)
     with pytest.raises(RetrievalInputError, match=r"K\+1=10 .* from the 5 ranked items"):
         superglobal_rerank(Q, X, idx[:, :5], M=400, K=9)

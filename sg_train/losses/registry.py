@@ -5,6 +5,8 @@ import inspect
 
 from torch import Tensor
 
+from ..options import check_option_types
+
 from .arcface import ArcFace, DynamicArcFace, SubCenterArcFace
 from .base import MarginLoss
 from .cosface import CosFace
@@ -51,7 +53,8 @@ def build_loss(
     caller may always pass it.
 
     Raises ValueError for an unknown name (listing the valid ones), an option the loss does
-    not take (naming it and listing the accepted ones), or dynamic margins without counts.
+    not take (naming it and listing the accepted ones), an option of the wrong type (e.g. the
+    string ``"30"`` for ``s``; see :func:`check_option_types`), or dynamic margins without counts.
     """
     key = str(name).strip().lower().replace("-", "_")
     if key not in LOSSES:
@@ -64,6 +67,7 @@ def build_loss(
             f"loss {key!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
             f"it accepts: {', '.join(accepted) or '(none)'}"
         )
+    check_option_types(f"loss {key!r}", cls.__init__, kwargs)
     if cls is DynamicArcFace:
         if class_counts is None:
             raise ValueError(

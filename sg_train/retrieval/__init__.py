@@ -17,7 +17,7 @@ from .ground_truth import (
                            validate_gnd,
 )
 from .query_expansion import alpha_dba, alpha_qe
-from .rerank import superglobal_rerank
+from .rerank import check_rerank_params, superglobal_rerank
 from .revisited_map import revisited_map, revisited_map_topk
 from .search import search
 from .tail import TailPositions, search_with_tail, tail_positions
@@ -25,7 +25,8 @@ from .tail import TailPositions, search_with_tail, tail_positions
 __all__ = [
     "BACKENDS", "INDEX_TYPES", "PROTOCOLS",
     "GndEntries", "GroundTruthError", "RetrievalInputError", "TailPositions", "UnsafePickleError",
-    "alpha_dba", "alpha_qe", "dataset_name", "evaluate_descriptors", "faiss_gpu_available", "faiss_search",
+    "alpha_dba", "alpha_qe", "check_rerank_params", "dataset_name", "evaluate_descriptors", "faiss_gpu_available",
+    "faiss_search",
     "format_results_table", "load_gnd", "query_gnd", "revisited_map", "revisited_map_topk", "search",
     "search_with_tail", "superglobal_rerank", "tail_positions", "validate_gnd",
 ]

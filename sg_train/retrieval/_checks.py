@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["RetrievalInputError", "check_descriptors", "check_k", "as_index_tensor", "compute_dtype", "dtype_name"]
+__all__ = ["RetrievalInputError", "ZeroRowTally", "check_descriptors", "check_k", "as_index_tensor", "compute_dtype",
+           "dtype_name", "zero_rows_error"]
 
 
 class RetrievalInputError(ValueError):
@@ -28,11 +29,51 @@ def compute_dtype(*arrays) -> torch.dtype:
     return torch.float32
 
 
+def zero_rows_error(name: str, count: int, first: list[int]) -> RetrievalInputError:
+    """The error for ``count`` all-zero rows of matrix ``name``, the first few at rows ``first``."""
+    return RetrievalInputError(
+        f"{name} has {count} all-zero row{'s' if count != 1 else ''} (first at row{'s' if len(first) > 1 else ''} "
+        f"{', '.join(map(str, first))}): a zero descriptor has no direction, so it scores 0 against everything "
+        "and its place in a ranking means nothing. Likely a failed extraction (an unreadable image, or rows of a "
+        "pre-allocated file that were never written, as the R1M rows of missing images are: keep only the rows in "
+        "R1MDescriptors.valid_indices); extract those rows again or leave them out"
+    )
+
+
+class ZeroRowTally:
+    """All-zero rows of a matrix read in chunks: how many, and the first few, for one error at the end."""
+
+    def __init__(self, name: str, shown: int = 5) -> None:
+        self.name, self.shown, self.count, self.first = name, shown, 0, []
+
+    def add(self, rows: torch.Tensor, start: int, candidates: torch.Tensor | None = None) -> None:
+        """Tally the all-zero rows of ``rows`` (rows ``start``, ``start + 1``, ... of the matrix).
+
+        ``candidates``: local row indices that can be zero (e.g. the columns of a score block that
+        are 0 for every query); only those are read, so the check costs nothing when there are none.
+        """
+        if candidates is None:
+            zero = (rows == 0).all(dim=1).nonzero()[:, 0]
+        elif candidates.numel():
+            zero = candidates[(rows[candidates] == 0).all(dim=1)]
+        else:
+            return
+        if zero.numel():
+            self.count += int(zero.numel())
+            self.first += [start + int(i) for i in zero[: self.shown - len(self.first)]]
+
+    def check(self) -> None:
+        """Raise :func:`zero_rows_error` if any all-zero row was tallied."""
+        if self.count:
+            raise zero_rows_error(self.name, self.count, self.first)
+
+
 def check_descriptors(Q, X, *, q_name: str = "Q", x_name: str = "X") -> None:
     """Validate a query matrix (nq, D) and a database matrix (n, D).
 
-    ``Q`` is small and checked for non-finite values here; ``X`` may be a 1M-row memory map, so
-    the functions check its finiteness on the scores they compute from it anyway.
+    ``Q`` is small and checked here for non-finite values and all-zero rows (a zero descriptor has
+    no direction; :func:`zero_rows_error`); ``X`` may be a 1M-row memory map, so the functions
+    check it for both in the chunked pass they make over it anyway.
     """
     for name, a in ((q_name, Q), (x_name, X)):
         if not isinstance(a, (torch.Tensor, np.ndarray)):
@@ -50,6 +91,9 @@ def check_descriptors(Q, X, *, q_name: str = "Q", x_name: str = "X") -> None:
         raise RetrievalInputError(
             f"descriptor dimensions differ: {q_name} is {_shape(Q)} but {x_name} is {_shape(X)}")
     check_finite(Q, q_name)
+    zeros = ZeroRowTally(f"{q_name} (query descriptors)" if q_name == "Q" else q_name)
+    zeros.add(torch.as_tensor(Q) if isinstance(Q, np.ndarray) else Q, 0)
+    zeros.check()
 
 
 def check_finite(a, name: str, row_offset: int = 0) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ._checks import RetrievalInputError
 from .faiss_search import faiss_search
-from .rerank import superglobal_rerank
+from .rerank import check_rerank_params, superglobal_rerank
 from .revisited_map import revisited_map_topk
 from .tail import check_against_gnd, search_with_tail, tail_positions
 
@@ -32,7 +32,8 @@ def evaluate_descriptors(Q, X, gnd, *, rerank: bool = True, M: int = 400, K: int
     ``gnd``: a ``load_gnd`` dict (its imlist length must equal n), its ``"gnd"`` list, or
     ``GndEntries``. ``backend``: ``"torch"`` (exact, chunked, any device) or ``"faiss"``
     (``faiss_index`` flat / ivf / hnsw, ``faiss_options`` passed to ``faiss_search``; the tail is
-    then counted in a second pass). X may be an fp16 ``np.memmap``.
+    then counted in a second pass). X may be an fp16 ``np.memmap``. Reranking parameters are
+    checked (:func:`check_rerank_params`) before the search; all-zero descriptor rows raise.
 
     Returns ``{"mAP": {"E", "M", "H"}, "mP": {"E": {1: .., 5: .., 10: ..}, ...}}`` plus
     ``"rerank_mAP"`` and ``"rerank_mP"`` when reranking, values in [0, 1], and ``"search"``
@@ -42,6 +43,8 @@ def evaluate_descriptors(Q, X, gnd, *, rerank: bool = True, M: int = 400, K: int
     n = int(X.shape[0])
     if backend not in BACKENDS:
         raise RetrievalInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if rerank:
+        check_rerank_params(n, M, K, beta)
     k = min(n, max(int(topk), M if rerank else 1))
 
     info: dict[str, Any] = {"backend": backend, "topk": k}

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import RetrievalInputError, check_descriptors, check_finite, check_k, dtype_name
+from ._checks import RetrievalInputError, ZeroRowTally, check_descriptors, check_finite, check_k, dtype_name
 from ._chunks import auto_chunk_rows, iter_row_chunks, to_tensor
 from .search import search
 
@@ -84,9 +84,12 @@ def faiss_search(Q, X, k: int, *, index: str = "flat", nlist: int | None = None,
         faiss_index = faiss.index_cpu_to_gpu(resources, 0, cpu_index)
     else:
         faiss_index = cpu_index
+    zeros = ZeroRowTally("X (database descriptors)")
     for start, rows in iter_row_chunks(X, rows_per_chunk, device=torch.device("cpu"), dtype=torch.float32):
         check_finite(rows, "X (database descriptors)", row_offset=start)
+        zeros.add(rows, start)
         faiss_index.add(np.ascontiguousarray(rows.numpy()))
+    zeros.check()
     if index == "ivf":
         faiss_index.nprobe = nprobe
     elif index == "hnsw":

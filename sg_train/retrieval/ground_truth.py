@@ -90,7 +90,12 @@ def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{path}: {exc}") from None
     except Exception as exc:  # truncated or not a pickle at all
-        raise GroundTruthError(f"{path}: not a readable ground-truth pickle ({type(exc).__name__}: {exc})") from None
+        state = "is empty (0 bytes)" if not data else (
+            f"({len(data):,} bytes) is not a readable ground-truth pickle ({type(exc).__name__}: {exc})")
+        raise GroundTruthError(
+            f"{path} {state}; it should be a Revisited ground-truth pickle gnd_<name>.pkl (a dict with imlist, "
+            "qimlist, gnd): download it again"
+        ) from None
     try:
         return validate_gnd(obj)
     except GroundTruthError as exc:

@@ -1,16 +1,51 @@
 """SuperGlobal reranking (Shao et al., ICCV 2023), vectorised over queries with bounded memory."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-from ._checks import RetrievalInputError, as_index_tensor, check_descriptors, compute_dtype
+from ._checks import RetrievalInputError, as_index_tensor, check_descriptors, compute_dtype, zero_rows_error
 from ._chunks import take_rows, to_tensor
 from .search import pick_device
 
-__all__ = ["superglobal_rerank"]
+__all__ = ["check_rerank_params", "superglobal_rerank"]
 
 # Budget for one query chunk's gathered top-M rows.
 _RERANK_BLOCK_BYTES = 64 << 20
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_rerank_params(num_database: int, M: int, K: int, beta: float, *, what: str = "the database") -> None:
+    """Check SuperGlobal reranking parameters against a database of ``num_database`` images.
+
+    Needs integers ``M >= 1`` and ``K >= 0`` with ``M >= K + 1`` (each item's K neighbours and
+    itself come from the top M), at least ``K + 1`` database images, and a finite ``beta >= 0``.
+    ``M`` larger than the database is fine: the whole database is reranked. ``what`` names the
+    database in the message (e.g. "roxford5k" or a file). Raises :class:`RetrievalInputError`
+    naming the values, the sizes and the fix.
+    """
+    if not _is_int(M) or M < 1:
+        raise RetrievalInputError(f"reranking M must be an integer >= 1 (the top-M items reranked; 400 in the "
+                                  f"paper), got {M!r}")
+    if not _is_int(K) or K < 0:
+        raise RetrievalInputError(f"reranking K must be an integer >= 0 (neighbours besides the item itself; 9 in "
+                                  f"the paper), got {K!r}")
+    if not (isinstance(beta, numbers.Real) and not isinstance(beta, bool) and math.isfinite(beta) and beta >= 0):
+        raise RetrievalInputError(f"reranking beta must be a finite number >= 0 (the neighbours' weight; 0.15 in "
+                                  f"the paper), got {beta!r}")
+    if M < K + 1:
+        raise RetrievalInputError(f"reranking M={M} is smaller than K+1={K + 1}: each item's K neighbours and itself "
+                                  f"come from the top M; raise M to at least {K + 1} or lower K to at most {M - 1}")
+    n = int(num_database)
+    if n < K + 1:
+        fix = f"lower K to at most {n - 1}" if n >= 1 else "use a database with images"
+        raise RetrievalInputError(f"reranking K={K} needs at least {K + 1} database images (K neighbours plus the "
+                                  f"item itself); {what} has {n}: {fix}")
 
 
 def superglobal_rerank(Q, X, idx, M: int = 400, K: int = 9, beta: float = 0.15, *,
@@ -31,7 +66,9 @@ def superglobal_rerank(Q, X, idx, M: int = 400, K: int = 9, beta: float = 0.15, 
     that cannot be avoided), ``topk`` on it, and the refined descriptors only through their dot
     products with q and m (no (nq, M, K+1, D) tensor, not even (nq, M, D) of them). Sorts are
     stable, so exact score ties keep the earlier item first. With fewer than M ranked columns,
-    what there is gets reranked.
+    what there is gets reranked (M beyond the database size reranks all of it). Parameters are
+    checked by :func:`check_rerank_params`; all-zero or non-finite rows of X among the ranked
+    items raise :class:`RetrievalInputError`.
 
     Returns a LongTensor shaped like ``idx`` on the compute device.
     """
@@ -41,12 +78,8 @@ def superglobal_rerank(Q, X, idx, M: int = 400, K: int = 9, beta: float = 0.15, 
     n, dim = int(X.shape[0]), int(X.shape[1])
     if nq != Q.shape[0]:
         raise RetrievalInputError(f"idx has {nq} rows but there are {Q.shape[0]} queries")
-    if isinstance(M, bool) or not isinstance(M, int) or M < 1:
-        raise RetrievalInputError(f"M must be a positive integer, got {M!r}")
-    if isinstance(K, bool) or not isinstance(K, int) or K < 0:
-        raise RetrievalInputError(f"K must be a non-negative integer, got {K!r}")
-    if K + 1 > M:
-        raise RetrievalInputError(f"K+1={K + 1} neighbours cannot be taken from the top M={M}")
+    check_rerank_params(n, M, K, beta)
+    M, K = int(M), int(K)
     m_eff = min(M, ncols)
     if K + 1 > m_eff:
         raise RetrievalInputError(
@@ -72,14 +105,18 @@ def superglobal_rerank(Q, X, idx, M: int = 400, K: int = 9, beta: float = 0.15, 
     return out
 
 
-def _check_finite_rows(gram: torch.Tensor, xt: torch.Tensor, top: torch.Tensor) -> None:
-    """A nan/inf in a row shows on the Gram diagonal (x·x); only then look at the rows."""
-    if bool(torch.isfinite(gram.diagonal(dim1=1, dim2=2)).all()):
+def _check_rows(gram: torch.Tensor, xt: torch.Tensor, top: torch.Tensor) -> None:
+    """A nan/inf or an all-zero row shows on the Gram diagonal (x·x); only then look at the rows."""
+    diag = gram.diagonal(dim1=1, dim2=2)
+    if bool(torch.isfinite(diag).all()) and bool((diag != 0).all()):
         return
     bad = (~torch.isfinite(xt)).any(dim=2).nonzero()
     if bad.numel():
         row = int(top[int(bad[0, 0]), int(bad[0, 1])])
         raise RetrievalInputError(f"non-finite values (nan/inf) in X (database descriptors), at row {row}")
+    zero = top[(xt == 0).all(dim=2)].unique()  # sorted database rows
+    if zero.numel():
+        raise zero_rows_error("X (database descriptors)", int(zero.numel()), zero[:5].tolist())
 
 
 def _rerank_block(q: torch.Tensor, xt: torch.Tensor, top: torch.Tensor, k1: int, beta: float) -> torch.Tensor:
@@ -92,7 +129,7 @@ def _rerank_block(q: torch.Tensor, xt: torch.Tensor, top: torch.Tensor, k1: int,
     """
     b, m, dim = xt.shape
     gram = torch.bmm(xt, xt.transpose(1, 2))                       # (b, M, M)
-    _check_finite_rows(gram, xt, top)
+    _check_rows(gram, xt, top)
     w, nbr = gram.topk(k1, dim=2)                                   # K+1 largest, descending
     del gram
     w = w * beta

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ._checks import check_descriptors, check_k, compute_dtype, raise_nonfinite_rows
+from ._checks import ZeroRowTally, check_descriptors, check_k, compute_dtype, raise_nonfinite_rows
 from ._chunks import auto_chunk_rows, iter_row_chunks, to_tensor
 
 __all__ = ["search", "score_chunks", "RunningTopK", "pick_device"]
@@ -28,7 +28,9 @@ def score_chunks(Q, X, *, chunk_size: int | None = None, query_block: int | None
                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(q0, start, s)``: scores ``s = Q[q0:q0+b] @ X[start:start+c].T`` as a contiguous
     (b, c) block, over database chunks (outer) and query blocks (inner), each database row read
-    once. Non-finite scores raise, naming the database row. Inputs are assumed checked."""
+    once. Non-finite scores raise, naming the database row; all-zero database rows raise once the
+    pass is over, naming how many and the first ones (only the columns scoring 0 for every query
+    are read again to tell). Inputs are assumed checked."""
     n, dim = int(X.shape[0]), int(X.shape[1])
     device = pick_device(Q, X)
     dtype = compute_dtype(Q, X)
@@ -39,12 +41,16 @@ def score_chunks(Q, X, *, chunk_size: int | None = None, query_block: int | None
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if query_block is None:
         query_block = max(1, _SCORE_BLOCK_BYTES // (min(rows_per_chunk, n) * dtype.itemsize))
+    zeros = ZeroRowTally("X (database descriptors)")
     for start, rows in iter_row_chunks(X, rows_per_chunk, device=device, dtype=dtype):
         for q0 in range(0, nq, query_block):
             # (c, D) @ (D, b) is the fast GEMM layout for a thin query block.
             s = (rows @ q[q0:q0 + query_block].T).T.contiguous()
             raise_nonfinite_rows(s, start, "X (database descriptors)")
+            if q0 == 0:  # a zero row scores 0 for every query: only such columns can be one
+                zeros.add(rows, start, (s == 0).all(dim=0).nonzero()[:, 0])
             yield q0, start, s
+    zeros.check()
 
 
 class RunningTopK:
