@@ -3,10 +3,16 @@ reranking, every N epochs (DESIGN.md §4, §6).
 
 Under DDP each rank extracts whole batches of a shared batch plan and the descriptors are
 all-gathered, so the numbers equal a single-process run's to the last digit.
+
+Everything that could make an evaluation fail is checked at setup, before the first training
+step: each ground truth, every query and database image header, and the rerank parameters
+against each database's size. Should an evaluation still fail during ``fit``, the trained
+weights are saved to ``last.ckpt`` first and the error says how to continue. The evaluation
+history is part of the callback's checkpoint state, so ``results.json`` and the final table
+survive a resume.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,10 +22,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.last_checkpoint import LastCheckpoint
 from datamodules.revisited import RevisitedDataset
 from sg_train.extraction import DEFAULT_SCALES, extract_descriptors, gather_descriptors
-from sg_train.files import atomic_write
-from sg_train.retrieval import PROTOCOLS, evaluate_descriptors, format_results_table
+from sg_train.files import write_json
+from sg_train.retrieval import PROTOCOLS, check_rerank_params, evaluate_descriptors, format_results_table
+from sg_train.run_folder import CHECKPOINT_DIR, LAST_CHECKPOINT, RESULTS_FILE
+
+RESULTS_FORMAT = "sg-train/retrieval-results"
+RESULTS_VERSION = 2
+
+
+class RetrievalEvaluationError(RuntimeError):
+    """A retrieval evaluation that failed during ``fit`` (the trained weights were saved first)."""
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -46,9 +61,17 @@ class RetrievalEvalCallback(Callback):
         rerank: also rank with SuperGlobal reranking (``M``, ``K``, ``beta``).
         max_size: longest image side after resizing (``None``: images as they are).
         evaluate_before_training: also evaluate the untrained model when fitting starts.
-        results_file: JSON written after each evaluation: ``{"untrained": ..., "trained": ...}``,
-            each ``{"mAP": {E, M, H}, "rerank_mAP": {...}, "per_dataset": {...}, "epoch": e}``
-            (top-level numbers averaged over datasets, in [0, 1]).
+
+    During ``fit`` every evaluation is appended to ``<run folder>/results.json``
+    (``trainer.default_root_dir``)::
+
+        {"format": "sg-train/retrieval-results", "version": 2,
+         "evaluations": [{"stage": "untrained" | "trained", "epoch": e, "global_step": s,
+                          "mAP": {E, M, H}, "rerank_mAP": {...}, "per_dataset": {name: {...}}}, ...],
+         "untrained": <its evaluation>, "trained": <the latest trained evaluation>}
+
+    (top-level numbers averaged over datasets, in [0, 1]; a protocol without any query that has
+    positives is ``null``). Each evaluation also prints one line per dataset.
     """
 
     def __init__(
@@ -65,7 +88,6 @@ class RetrievalEvalCallback(Callback):
         num_workers: int = 2,
         max_size: int | None = None,
         evaluate_before_training: bool = False,
-        results_file: str | None = None,
         progress: bool = True,
     ) -> None:
         if every_n_epochs < 1:
@@ -82,27 +104,36 @@ class RetrievalEvalCallback(Callback):
         self.num_workers = num_workers
         self.max_size = max_size
         self.evaluate_before_training = evaluate_before_training
-        self.results_file = Path(results_file) if results_file else None
         self.progress = progress
-        self.history: dict[str, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
         self._evaluated_epoch: int | None = None
         self._datasets: dict[str, tuple[RevisitedDataset, RevisitedDataset]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = pl_module.model
         preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format, "max_size": self.max_size}
-        for name in self.datasets:  # read and check every ground truth now, not after an epoch
-            self._datasets[name] = (
-                RevisitedDataset(self.data_root, name, "query", **preprocessing),
-                RevisitedDataset(self.data_root, name, "database", **preprocessing),
-            )
+        for name in self.datasets:  # read and check everything now, not after an epoch of training
+            queries = RevisitedDataset(self.data_root, name, "query", **preprocessing)
+            database = RevisitedDataset(self.data_root, name, "database", **preprocessing)
+            database.source_sizes()  # every database image header (queries are read at construction)
+            if self.rerank:
+                check_rerank_params(len(database), self.M, self.K, self.beta, what=f"the {name} database")
+            self._datasets[name] = (queries, database)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.evaluate_before_training and trainer.global_step == 0:
-            results = self.evaluate(trainer, pl_module)
+            results = self._evaluate_guarded(trainer, pl_module)
             if trainer.logger is not None:
                 trainer.logger.log_metrics(self._metrics(results, prefix="retrieval_untrained"), step=0)
             self._record("untrained", results, trainer)
+        elif self.history:  # resumed: the results file holds exactly the checkpoint's history
+            self._write_results(trainer)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and (trainer.state.fn != "fit" or self._due(trainer)):
@@ -120,18 +151,41 @@ class RetrievalEvalCallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.history:
+            latest = {entry["stage"]: entry for entry in self.history}  # untrained, then the latest trained
             blocks = {}
-            for stage, summary in self.history.items():
-                for name, result in summary["per_dataset"].items():
-                    blocks[f"{name} ({stage}, epoch {summary['epoch']})"] = result
+            for stage, entry in latest.items():
+                for name, result in entry["per_dataset"].items():
+                    blocks[f"{name} ({stage}, epoch {entry['epoch']})"] = result
             rank_zero_info("Retrieval mAP (%):\n" + format_results_table(blocks))
 
     def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        results = self.evaluate(trainer, pl_module)
+        results = self._evaluate_guarded(trainer, pl_module)
         for key, value in self._metrics(results, prefix="retrieval").items():
             pl_module.log(key, value, rank_zero_only=False, sync_dist=False)
         self._evaluated_epoch = trainer.current_epoch
         self._record("trained", results, trainer)
+
+    def _evaluate_guarded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]]:
+        """:meth:`evaluate`; during ``fit`` a failure first saves the trained weights to ``last.ckpt``."""
+        try:
+            return self.evaluate(trainer, pl_module)
+        except Exception as exc:
+            if trainer.state.fn != "fit" or trainer.global_step == 0:
+                raise
+            path = self._checkpoint_dir(trainer) / LAST_CHECKPOINT
+            trainer.save_checkpoint(path)
+            raise RetrievalEvaluationError(
+                f"retrieval evaluation failed at epoch {trainer.current_epoch} (global step {trainer.global_step}): "
+                f"{type(exc).__name__}: {exc}. The trained weights are saved in {path}; fix the benchmark under "
+                f"{self.data_root} and continue with --ckpt_path {path}"
+            ) from exc
+
+    @staticmethod
+    def _checkpoint_dir(trainer: pl.Trainer) -> Path:
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, LastCheckpoint) and cb.dirpath:
+                return Path(cb.dirpath)
+        return Path(trainer.default_root_dir) / CHECKPOINT_DIR
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]]:
@@ -170,7 +224,23 @@ class RetrievalEvalCallback(Callback):
         return metrics
 
     def _record(self, stage: str, results: dict[str, dict[str, Any]], trainer: pl.Trainer) -> None:
-        self.history[stage] = {**summarise(results), "epoch": trainer.current_epoch}
-        if self.results_file is not None and trainer.is_global_zero:
-            self.results_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.results_file, lambda fh: json.dump(self.history, fh, indent=2), mode="w")
+        entry = {"stage": stage, "epoch": trainer.current_epoch, "global_step": trainer.global_step, **summarise(results)}
+        self.history.append(entry)
+        for name, result in entry["per_dataset"].items():
+            rank_zero_info(f"retrieval {name} ({stage}, epoch {entry['epoch']}, step {entry['global_step']}): "
+                           + " | ".join(f"{label} E/M/H {_emh(result[key])}" for key, label in
+                                        (("mAP", "mAP"), ("rerank_mAP", "rerank mAP")) if key in result))
+        if trainer.state.fn == "fit":
+            self._write_results(trainer)
+
+    def _write_results(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        latest = {entry["stage"]: entry for entry in self.history}
+        write_json(Path(trainer.default_root_dir) / RESULTS_FILE,
+                   {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "evaluations": self.history, **latest})
+
+
+def _emh(values: dict[str, float]) -> str:
+    return "/".join("n/a" if value is None or value != value else f"{100 * value:.2f}" for value in
+                    (values.get(p) for p in PROTOCOLS))

@@ -41,16 +41,17 @@ def test_validate_logs_map_with_and_without_rerank(synthetic_data, tmp_path):
 
 def test_fit_without_validation_split_evaluates_before_and_after_training_and_writes_results(synthetic_data, tmp_path):
     datamodule = GLDv2DataModule(str(synthetic_data / "gldv2"), csv="train.csv", image_size=64, batch_size=8, num_workers=0, val_fraction=0.0)
-    results_file = tmp_path / "results.json"
-    callback = tiny_callback(synthetic_data, scales=[1.0], evaluate_before_training=True, results_file=str(results_file))
+    results_file = tmp_path / "results.json"  # <run folder = default_root_dir>/results.json
+    callback = tiny_callback(synthetic_data, scales=[1.0], evaluate_before_training=True)
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path, max_epochs=1,
         limit_train_batches=2, enable_progress_bar=False, enable_checkpointing=False,
     )
     trainer.fit(tiny_module(datamodule.num_classes), datamodule)
     results = json.loads(results_file.read_text())
-    assert set(results) == {"untrained", "trained"}
-    for stage in results.values():
+    assert [(e["stage"], e["epoch"], e["global_step"]) for e in results["evaluations"]] == [("untrained", 0, 0), ("trained", 0, 2)]
+    assert results["untrained"] == results["evaluations"][0] and results["trained"] == results["evaluations"][1]
+    for stage in results["evaluations"]:
         assert set(stage["mAP"]) == set("EMH") and set(stage["rerank_mAP"]) == set("EMH")
         assert stage["mAP"] == stage["per_dataset"]["rsynth"]["mAP"]  # one data set: the mean is its value
     assert results["trained"]["epoch"] == 0
