@@ -19,7 +19,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
-from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
@@ -139,9 +139,21 @@ class TrainCLI(LightningCLI):
         for logger in trainer.loggers:
             if logger.save_dir is not None:
                 check_writable_dir(logger.save_dir, f"{type(logger).__name__} folder")
-        record_start(self.run_plan, "fit")
-        where = f"continuing from {self.run_plan.resume_from}" if self.run_plan.resume_from else "new run"
-        rank_zero_info(f"run folder: {run_dir} ({where})")
+        trainer.callbacks.append(_RecordRunStart(self.run_plan))
+
+
+class _RecordRunStart(Callback):
+    """Write ``run.json`` once the pre-flight checks of every setup hook have passed (a run that
+    stopped there leaves no trace that would make its folder look taken)."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            record_start(self.plan, "fit")
+        where = f"continuing from {self.plan.resume_from}" if self.plan.resume_from else "new run"
+        rank_zero_info(f"run folder: {self.plan.run_dir} ({where})")
 
 
 def _new_wandb_id() -> str:
