@@ -11,7 +11,7 @@ from .gldv2_index import (
     read_gldv2_csv,
 )
 from .image_dataset import ImageDataset, worker_init_fn
-from .image_io import ImageReadError, read_image
+from sg_train.image_io import ImageReadError, read_image
 from .transforms import build_eval_transform, build_train_transform, resolve_normalization
 
 __all__ = [

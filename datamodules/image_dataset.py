@@ -5,7 +5,7 @@ Items are fetched by index, or by ``(index, augmentation_seed)`` as
 with that seed first, so a sample's augmentation depends on nothing but its seed.
 
 A sample is a dict ``{"image", "label", "index", "failed"}``. When the file cannot be read
-(:class:`~datamodules.image_io.ImageReadError`), ``image`` is ``None`` and ``failed`` is
+(:class:`~sg_train.image_io.ImageReadError`), ``image`` is ``None`` and ``failed`` is
 ``(path, reason)``; :class:`~datamodules.collate.SkipFailedCollate` drops such samples and
 lists them in the batch's ``"failed"`` (as ``"<path>\t<reason>"`` strings). Errors raised by
 the transform are *not* swallowed (they are bugs, not bad files); they are re-raised naming
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .image_io import ImageReadError, read_image
+from sg_train.image_io import ImageReadError, read_image
 
 __all__ = ["ImageDataset", "compact_strings", "worker_init_fn"]
 

@@ -37,9 +37,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from sg_train.image_io import ImageReadError, read_image
 from sg_train.retrieval import load_gnd
 
-from .image_io import ImageReadError, read_image
 from .transforms import build_eval_transform, resolve_normalization
 
 __all__ = [

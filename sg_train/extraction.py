@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.image_io import ImageReadError
+from sg_train.image_io import ImageReadError
 
 __all__ = ["DEFAULT_SCALES", "extract_all", "extract_descriptors", "gather_descriptors", "plan_batches"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.image_io import ImageReadError
+from sg_train.image_io import ImageReadError
 from datamodules.revisited import RevisitedDataset
 from sg_train.extraction import extract_all, extract_descriptors, gather_descriptors, plan_batches
 from sg_train.model import EmbeddingModel

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from datamodules import image_io
-from datamodules.image_io import ImageReadError, decode_image, read_image
+from sg_train import image_io
+from sg_train.image_io import ImageReadError, decode_image, read_image
 
 
 def _rgb(h=30, w=40, seed=0):

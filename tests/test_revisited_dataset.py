@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.image_io import ImageReadError, read_image
+from sg_train.image_io import ImageReadError, read_image
 from datamodules.revisited import (ImageSizeMismatchError, QueryBoxError, RevisitedDataset, crop_box,
                                    fit_longest_side, read_image_size)
 from sg_train.retrieval import GroundTruthError
