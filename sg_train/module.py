@@ -10,7 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from sg_train.finetune import load_finetune_weights
 from sg_train.losses import build_loss
-from sg_train.metrics import GlobalAveragePrecision
+from sg_train.metrics import HeldOutClassification
 from sg_train.model import EmbeddingModel
 from sg_train.optim import apply_lr_multipliers, parameter_groups, resolve_warmup_steps, warmup_cosine_schedule
 
@@ -73,8 +73,7 @@ class LandmarkRetrievalModule(pl.LightningModule):
         )
         self.optimizer_factory = optimizer
         self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_gap = GlobalAveragePrecision()
+        self.held_out = HeldOutClassification()
         self.finetune_report: dict[str, list[str]] | None = None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -101,11 +100,13 @@ class LandmarkRetrievalModule(pl.LightningModule):
         if images.shape[0] == 0:
             # Every image of this batch was unreadable (they are reported by SkippedImagesReport).
             # A zero loss that touches every parameter keeps DDP's gradient all-reduce in step.
-            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+            loss = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+            self._log_global_batch_loss(loss, batch_size=0)
+            return loss
         output = self.loss_fn(self(images), labels)
         self.train_accuracy(output.cosine.argmax(dim=1), labels)
         batch_size = labels.shape[0]
-        self.log("train/loss", output.loss, prog_bar=True, batch_size=batch_size)
+        self._log_global_batch_loss(output.loss, batch_size)
         self.log("train/acc", self.train_accuracy, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         for group in self.optimizers().param_groups:
             if not group["name"].endswith("_no_decay"):
@@ -114,15 +115,36 @@ class LandmarkRetrievalModule(pl.LightningModule):
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         return output.loss
 
+    def _log_global_batch_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Log ``train/loss`` as the mean loss over the global batch (every rank's samples).
+
+        Each rank's ``loss`` is the mean over its own ``batch_size`` samples; the ranks' sums and
+        counts are all-reduced, so every rank logs ``Σ loss_r·B_r / Σ B_r``. That is the global
+        batch's loss even when skipped images leave the ranks with batches of different sizes,
+        which Lightning's ``sync_dist`` (an unweighted mean of the rank values) is not. Every rank
+        must call this at every step, also with an empty batch (``batch_size = 0``): the all-reduce
+        is a collective. A step whose global batch is empty logs nothing.
+        """
+        totals = torch.stack([loss.detach().float() * batch_size, loss.new_tensor(float(batch_size), dtype=torch.float32)])
+        loss_sum, count = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        if count > 0:
+            self.log("train/loss", loss_sum / count, prog_bar=True)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
-        if images.shape[0] == 0:
-            return
-        confidence, predicted = self.loss_fn.cosine(self(images)).max(dim=1)
-        self.val_accuracy(predicted, labels)
-        self.val_gap.update(predicted, confidence, labels)
-        self.log("val/acc", self.val_accuracy, prog_bar=True, batch_size=labels.shape[0])
-        self.log("val/GAP", self.val_gap, prog_bar=True, batch_size=labels.shape[0])
+        if images.shape[0] > 0:
+            confidence, predicted = self.loss_fn.cosine(self(images)).max(dim=1)
+        else:  # every image unreadable: an empty update, so a rank with only such batches still gathers typed states
+            confidence, predicted = labels.new_empty(0, dtype=torch.float32), labels.new_empty(0)
+        self.held_out.update(batch["index"], predicted, confidence, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() gathers every rank's rows and keeps one per dataset index, so the values are the
+        # single-process ones and the same on every rank: "max" over the ranks returns them exactly
+        # (a mean over three ranks could round), and sync_dist keeps Lightning from warning.
+        values = self.held_out.compute()
+        self.log_dict({f"val/{name}": value for name, value in values.items()}, prog_bar=True, sync_dist=True, reduce_fx="max")
+        self.held_out.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.build_optimizer(total_steps=int(self.trainer.estimated_stepping_batches))

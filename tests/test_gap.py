@@ -1,4 +1,5 @@
-"""Global Average Precision (Kaggle Google Landmark Recognition metric)."""
+"""Global Average Precision (Kaggle Google Landmark Recognition metric), and the held-out accuracy + GAP
+metric that counts each sample once under DDP."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sg_train.metrics import GlobalAveragePrecision, global_average_precision
+from sg_train.metrics import HeldOutClassification, global_average_precision
 
 # The worked example of the metric's documentation (evaluations.kaggle_2020
 # global_average_precision_score): 10 queries, two without a landmark (None), three without a
@@ -25,35 +26,68 @@ KAGGLE_PRED = {
 KAGGLE_GAP = 0.5479166666
 
 
-def _kaggle_vectors():
+def _kaggle_rows():
+    """``(indices, pred_labels, confidences, targets)`` tensors; -1 = no prediction / no landmark."""
     ids = sorted(KAGGLE_TRUE)
-    targets = [KAGGLE_TRUE[i] for i in ids]
+    targets = [-1 if KAGGLE_TRUE[i] is None else KAGGLE_TRUE[i] for i in ids]
     preds = [KAGGLE_PRED[i][0] if i in KAGGLE_PRED else -1 for i in ids]
     confs = [KAGGLE_PRED[i][1] if i in KAGGLE_PRED else 0.0 for i in ids]
-    return preds, confs, targets
+    return torch.arange(len(ids)), torch.tensor(preds), torch.tensor(confs), torch.tensor(targets)
 
 
 def test_kaggle_documented_example():
     # by hand: ranked 0.99 ✓, 0.70 ✓, 0.60 ✗, 0.40 ✓, 0.30 ✓, 0.15 ✓, 0.10 ✗ (no landmark)
     # Σ P(i)·rel(i) = 1 + 1 + 3/4 + 4/5 + 5/6; M = 8 queries with a landmark
     assert (1 + 1 + 3 / 4 + 4 / 5 + 5 / 6) / 8 == pytest.approx(KAGGLE_GAP, abs=1e-9)
-    preds, confs, targets = _kaggle_vectors()
-    metric = GlobalAveragePrecision()
-    metric.update(preds, confs, targets)  # Python lists, None = no landmark
-    assert metric.compute().item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+    _, preds, confs, targets = _kaggle_rows()
+    assert global_average_precision(preds, confs, targets).item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+    metric = HeldOutClassification()
+    metric.update(*_kaggle_rows())
+    values = metric.compute()
+    assert values["GAP"].item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+    # accuracy over the 8 queries with a landmark: id_001, id_003, id_005, id_008, id_010 right
+    assert values["acc"].item() == pytest.approx(5 / 8, abs=1e-12)
 
 
-def test_kaggle_example_in_batches_with_tensors():
-    preds, confs, targets = _kaggle_vectors()
-    t = torch.tensor([-1 if v is None else v for v in targets])
-    p, c = torch.tensor(preds), torch.tensor(confs)
-    metric = GlobalAveragePrecision()
+def test_held_out_metric_in_batches_and_in_any_order():
+    rows = _kaggle_rows()
+    metric = HeldOutClassification()
     for part in (slice(0, 3), slice(3, 4), slice(4, 10)):
-        metric.update(p[part], c[part], t[part])
-    assert metric.compute().item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+        metric.update(*(t[part] for t in rows))
+    metric.update(*(t[:0] for t in rows))  # a batch whose images were all unreadable
+    assert metric.compute()["GAP"].item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
     metric.reset()
-    metric.update(p.flip(0), c.flip(0), t.flip(0))  # order of queries does not matter
-    assert metric.compute().item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+    metric.update(*(t.flip(0) for t in rows))
+    assert metric.compute()["GAP"].item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+
+
+def test_held_out_metric_counts_a_repeated_index_once():
+    """The DistributedSampler's padding repeats samples; their second rows must change nothing."""
+    rows = _kaggle_rows()
+    once = HeldOutClassification()
+    once.update(*rows)
+    twice = HeldOutClassification()
+    twice.update(*rows)
+    twice.update(*(t[[0, 7, 9]] for t in rows))  # id_001 (right), id_008 (right), id_010 (right) again
+    assert {k: v.item() for k, v in twice.compute().items()} == {k: v.item() for k, v in once.compute().items()}
+    plain = global_average_precision(*(torch.cat([t, t[[0, 7, 9]]]) for t in rows[1:]))
+    assert plain.item() != pytest.approx(KAGGLE_GAP, abs=1e-9)  # what counting them twice would give
+
+
+def test_held_out_metric_refuses_bad_input_and_warns_without_landmarks():
+    metric = HeldOutClassification()
+    with pytest.raises(ValueError, match="same length, got 2, 2, 1, 2"):
+        metric.update(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0.5]), torch.tensor([1, 2]))
+    metric.update(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0.5, 0.6]), torch.tensor([1, 2]))
+    metric.update(torch.tensor([1]), torch.tensor([2]), torch.tensor([0.6]), torch.tensor([3]))
+    with pytest.raises(ValueError, match="dataset index 1 arrived with targets 2 and 3"):
+        metric.compute()
+    no_landmark = HeldOutClassification()
+    no_landmark.update(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0.9, 0.8]), torch.tensor([-1, -1]))
+    with pytest.warns(UserWarning, match="no sample has a landmark"):
+        assert no_landmark.compute() == {"acc": 0.0, "GAP": 0.0}
+    assert HeldOutClassification.higher_is_better and not HeldOutClassification.is_differentiable
+    assert set(no_landmark._reductions) == {"indices", "pred_labels", "confidences", "targets"}
 
 
 def _slow_gap(preds, confs, targets):
@@ -91,51 +125,45 @@ def test_ties_rank_wrong_first_independent_of_order():
     assert a == b == pytest.approx(0.5 / 2)  # wrong at rank 1, right at rank 2: P = 1/2; M = 2
 
 
-def test_edge_cases():
-    metric = GlobalAveragePrecision()
-    metric.update(torch.tensor([1, 2]), torch.tensor([0.9, 0.8]), torch.tensor([-1, -1]))
-    with pytest.warns(UserWarning, match="M = 0"):
-        assert metric.compute().item() == 0.0
-    perfect = GlobalAveragePrecision()
-    perfect.update(torch.tensor([4, 5, 6]), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([4, 5, 6]))
-    assert perfect.compute().item() == pytest.approx(1.0)
+def test_gap_edge_cases():
+    assert global_average_precision(torch.tensor([1, 2]), torch.tensor([0.9, 0.8]), torch.tensor([-1, -1])).item() == 0.0
+    perfect = global_average_precision(torch.tensor([4, 5, 6]), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([4, 5, 6]))
+    assert perfect.item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same length"):
-        perfect.update(torch.tensor([1, 2]), torch.tensor([0.5]), torch.tensor([1, 2]))
-    assert GlobalAveragePrecision.higher_is_better and not GlobalAveragePrecision.is_differentiable
-    assert set(perfect._reductions) == {"pred_labels", "confidences", "targets"}
+        global_average_precision(torch.tensor([1, 2]), torch.tensor([0.5]), torch.tensor([1, 2]))
 
 
 def _shards():
-    preds, confs, targets = _kaggle_vectors()
-    targets = [-1 if v is None else v for v in targets]
-    return [
-        (torch.tensor(preds[part]), torch.tensor(confs[part]), torch.tensor(targets[part]))
-        for part in (slice(0, 3), slice(3, 10))  # unequal shards
-    ]
+    """Two ranks' rows as a padded DistributedSampler hands them out: unequal shards, and
+    rank 1 repeats rank 0's first sample."""
+    rows = _kaggle_rows()
+    return [tuple(t[0:3] for t in rows), tuple(t[[3, 4, 5, 6, 7, 8, 9, 0]] for t in rows)]
 
 
 def test_states_sync_through_torchmetrics_gather():
     """In-process DDP emulation: torchmetrics' own sync path with a gather that returns this
     rank's states followed by the other rank's (the real gloo run is the slow test below)."""
     shard0, shard1 = _shards()
-    other = GlobalAveragePrecision()
+    other = HeldOutClassification()
     other.update(*shard1)
-    pending = [torch.cat(other.pred_labels), torch.cat(other.confidences), torch.cat(other.targets)]
+    pending = [torch.cat(other.indices), torch.cat(other.pred_labels), torch.cat(other.confidences), torch.cat(other.targets)]
 
     def fake_gather(tensor, group=None):
         return [tensor, pending.pop(0)]
 
-    metric = GlobalAveragePrecision(dist_sync_fn=fake_gather, distributed_available_fn=lambda: True)
+    metric = HeldOutClassification(dist_sync_fn=fake_gather, distributed_available_fn=lambda: True)
     metric.update(*shard0)
-    assert metric.compute().item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
-    assert pending == []  # all three states went through the gather
+    values = metric.compute()
+    assert values["GAP"].item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+    assert values["acc"].item() == pytest.approx(5 / 8, abs=1e-12)
+    assert pending == []  # all four states went through the gather
 
 
 def _gap_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        metric = GlobalAveragePrecision()
+        metric = HeldOutClassification()
         metric.update(*_shards()[rank])
         torch.save(metric.compute(), os.path.join(out_dir, f"gap{rank}.pt"))
     finally:
@@ -150,4 +178,6 @@ def test_syncs_across_ddp_ranks(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_gap_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
-        assert torch.load(tmp_path / f"gap{r}.pt").item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+        values = torch.load(tmp_path / f"gap{r}.pt")
+        assert values["GAP"].item() == pytest.approx(KAGGLE_GAP, abs=1e-9)
+        assert values["acc"].item() == pytest.approx(5 / 8, abs=1e-12)

@@ -1,24 +1,10 @@
 """Global Average Precision (GAP, micro-AP at k = 1): the Kaggle Google Landmark Recognition metric."""
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import rank_zero_warn
-from torchmetrics.utilities.data import dim_zero_cat
 
-__all__ = ["GlobalAveragePrecision", "global_average_precision"]
-
-
-def _as_long(x: Tensor | Sequence) -> Tensor:
-    """A 1-D LongTensor; ``None`` entries of a Python sequence become -1."""
-    if not isinstance(x, Tensor):
-        x = torch.tensor([-1 if v is None else int(v) for v in x], dtype=torch.long)
-    if x.is_floating_point():
-        x = torch.nan_to_num(x, nan=-1.0)
-    return x.reshape(-1).long()
+__all__ = ["global_average_precision"]
 
 
 def global_average_precision(pred_labels: Tensor, confidences: Tensor, targets: Tensor) -> Tensor:
@@ -33,6 +19,7 @@ def global_average_precision(pred_labels: Tensor, confidences: Tensor, targets: 
 
     Ties in confidence are ranked with the wrong predictions first (pessimistic), which makes
     the value independent of input order (e.g. the order in which DDP ranks are gathered).
+    For the held-out split during training see :class:`~sg_train.metrics.held_out.HeldOutClassification`.
     Returns a 0-d fp64 tensor; 0 when M = 0.
     """
     pred_labels = pred_labels.reshape(-1).long()
@@ -58,53 +45,3 @@ def global_average_precision(pred_labels: Tensor, confidences: Tensor, targets: 
     ranks = torch.arange(1, rel.numel() + 1, dtype=torch.float64, device=rel.device)
     precision = torch.cumsum(rel, 0) / ranks
     return (precision * rel).sum() / m
-
-
-class GlobalAveragePrecision(Metric):
-    """GAP as a torchmetrics Metric (states are concatenated lists, so it syncs under DDP).
-
-    ``update(pred_labels, confidences, targets)``: (N,) predicted class, its confidence and
-    the true class per query; ``targets`` may be -1 (or None in a Python list) for queries
-    without a landmark, ``pred_labels`` may be -1 for queries without a prediction.
-    ``compute()``: see :func:`global_average_precision`.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("pred_labels", default=[], dist_reduce_fx="cat")
-        self.add_state("confidences", default=[], dist_reduce_fx="cat")
-        self.add_state("targets", default=[], dist_reduce_fx="cat")
-
-    def update(
-        self,
-        pred_labels: Tensor | Sequence,
-        confidences: Tensor | Sequence,
-        targets: Tensor | Sequence,
-    ) -> None:
-        pred = _as_long(pred_labels).to(self.device)
-        target = _as_long(targets).to(self.device)
-        conf = torch.as_tensor(confidences).detach().reshape(-1).to(self.device, torch.float64)
-        if not (pred.shape == target.shape == conf.shape):
-            raise ValueError(
-                "pred_labels, confidences and targets must have the same length, got "
-                f"{pred.numel()}, {conf.numel()}, {target.numel()}"
-            )
-        self.pred_labels.append(pred)
-        self.confidences.append(conf)
-        self.targets.append(target)
-
-    def compute(self) -> Tensor:
-        # After a DDP sync the states are tensors, before it lists of tensors.
-        if isinstance(self.targets, list) and len(self.targets) == 0:
-            rank_zero_warn("GlobalAveragePrecision.compute() called before any update; returning 0")
-            return torch.zeros((), dtype=torch.float64, device=self.device)
-        targets = dim_zero_cat(self.targets)
-        if int((targets >= 0).sum()) == 0:
-            rank_zero_warn("GlobalAveragePrecision: no query has a landmark (M = 0); returning 0")
-        return global_average_precision(
-            dim_zero_cat(self.pred_labels), dim_zero_cat(self.confidences), targets
-        )
