@@ -60,8 +60,12 @@ class GLDv2DataModule(LightningDataModule):
         batch_size / eval_batch_size: per-process batch sizes (eval default: ``batch_size``).
         num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings
             (pinning only where CUDA is present, persistence only with workers).
-        mean, std, input_format: normalisation in the model's channel order ("rgb"/"bgr");
-            ``None`` = ImageNet's statistics in that order.
+        mean, std, input_format: leave at ``None``: the pixels are prepared the way the model
+            being trained says (``EmbeddingModel.preprocessing``: channel order, mean, std, taken
+            at setup from the trainer's LightningModule), the same as retrieval evaluation and
+            ``evaluate.py`` prepare them. A value given here must agree with the model's, or
+            setup stops naming both. Without a trainer (the datamodule used on its own):
+            ImageNet's statistics in RGB, or the values given.
         scale, ratio: RandomResizedCrop area fraction and aspect range.
         hflip_p: horizontal flip probability.
         color_jitter, color_jitter_hue, color_jitter_p: brightness/contrast/saturation strength,
@@ -88,7 +92,7 @@ class GLDv2DataModule(LightningDataModule):
         prefetch_factor: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
-        input_format: Literal["rgb", "bgr"] = "rgb",
+        input_format: Literal["rgb", "bgr"] | None = None,
         scale: tuple[float, float] = (0.25, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip_p: float = 0.5,
@@ -109,8 +113,10 @@ class GLDv2DataModule(LightningDataModule):
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.mean, self.std = resolve_normalization(mean, std, input_format)  # validates early
-        self.input_format = input_format
+        resolve_normalization(mean, std, input_format or "rgb")  # validates early
+        self.requested_preprocessing = {"input_format": input_format, "mean": mean, "std": std}
+        self.mean, self.std = resolve_normalization(mean, std, input_format or "rgb")
+        self.input_format = input_format or "rgb"
 
         self.data_root = os.fspath(data_root)
         self.csv = csv
@@ -195,9 +201,35 @@ class GLDv2DataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
 
+    def adopt_model_preprocessing(self, preprocessing: dict[str, Any]) -> None:
+        """Prepare pixels as ``preprocessing`` (``EmbeddingModel.preprocessing``) says.
+
+        Raises ValueError when a ``mean``/``std``/``input_format`` given to this datamodule
+        contradicts the model's, naming both (one of them would be wrong for training or for
+        evaluation).
+        """
+        model = {"input_format": str(preprocessing["input_format"]).lower(),
+                 "mean": tuple(float(v) for v in preprocessing["mean"]),
+                 "std": tuple(float(v) for v in preprocessing["std"])}
+        for key, wanted in self.requested_preprocessing.items():
+            if wanted is None:
+                continue
+            given = str(wanted).lower() if key == "input_format" else tuple(float(v) for v in wanted)
+            if given != model[key]:
+                raise ValueError(
+                    f"data.{key}={wanted} contradicts the model's {key} {model[key]} (model.model_options.{key}, or "
+                    f"the backbone's pretrained statistics): training and evaluation must prepare pixels the same "
+                    f"way; remove data.{key} (the data follows the model), or set model.model_options.{key}"
+                )
+        self.input_format, self.mean, self.std = model["input_format"], model["mean"], model["std"]
+
     def setup(self, stage: str | None = None) -> None:
         if not os.path.isdir(self.image_dir):
             raise FileNotFoundError(f"GLDv2 image folder not found: {self.image_dir} (set image_dir)")
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        preprocessing = getattr(getattr(module, "model", None), "preprocessing", None)
+        if preprocessing is not None:
+            self.adopt_model_preprocessing(preprocessing)
         split = self.split
         if self.train_dataset is None and stage in (None, "fit"):
             self.train_dataset = ImageDataset(
