@@ -8,13 +8,13 @@ writes what each rank logged.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+from child_env import child_env
 from test_training import write_config
 
 from datamodules.gldv2 import GLDv2DataModule
@@ -39,8 +39,7 @@ def held_out_copy(tmp_path: Path, synthetic_data: Path, corrupt: str) -> tuple[P
 
 
 def run_train(tmp_path: Path, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"}}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), OMP_NUM_THREADS="1")
+    env = child_env()
     command = [sys.executable, str(ROOT / "train.py"), *args, "--trainer.logger=false",
                "--trainer.callbacks+=ddp_probe.RecordLoggedMetrics", f"--trainer.callbacks.out_dir={tmp_path / 'probe'}"]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

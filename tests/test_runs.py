@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from child_env import child_env
 import train
 import wandb_records
 from callbacks.retrieval_eval import RetrievalEvaluationError
@@ -46,14 +46,8 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"}}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), OMP_NUM_THREADS="1")
-    return env
-
-
 def run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=subprocess_env(), cwd=cwd,
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=child_env(), cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 

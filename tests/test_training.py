@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from child_env import child_env
 import train
 import wandb_records
 from run_probes import RecordStartState
@@ -143,9 +143,7 @@ def test_unknown_loss_backbone_and_head_names_list_the_valid_ones():
 def test_ddp_two_processes_madacos_uses_the_global_batch_median(tmp_path, synthetic_data):
     """2-process CPU DDP through train.py (a subprocess: DDP inside pytest would re-launch pytest)."""
     config = write_config(tmp_path, synthetic_data, loss="madacos", loss_options={"rho": 0.02})
-    env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"}}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
+    env = child_env()
     probe_dir = tmp_path / "probe"
     command = [
         sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config),
