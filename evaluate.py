@@ -3,14 +3,22 @@
 
     python evaluate.py --descriptors Q.npy X.npy --gnd gnd_roxford5k.pkl [--rerank] [--json out.json]
     python evaluate.py --checkpoint runs/demo/checkpoints/last.ckpt --data-root data/synthetic/revisited \
-        --datasets rsynth [--rerank] [--scales 0.7071 1 1.4142] [--json out.json]
+        --datasets rsynth [--protocol revisitop|superglobal] [--rerank] [--json out.json]
     python evaluate.py --cvnet-weights CVPR2022_CVNet_R101.pyth --depth 101 --data-root data/revisitop \
         --datasets roxford5k rparis6k --relu-plus --rgem --gemp --sgem --rerank [--r1m data/revisitop1m]
 
-Model mode extracts multi-scale descriptors (Scale-GeM over ``--scales`` when the head has it),
-caches them with ``--cache-dir`` (keyed by model and data, reused while both are unchanged), and
-with ``--r1m`` extracts the R1M distractors into a resumable fp16 memory map and reports
-``<dataset>+r1m`` too. ``--relu-plus --rgem --gemp --sgem`` switch SuperGlobal's components on.
+Model mode preprocesses and extracts under an evaluation protocol (``sg_train/eval_protocols.py``):
+``superglobal`` (SuperGlobal's published test code: ``int()`` query crop, scales 0.7071/1/1.4142
+resized bilinear without antialias, full resolution, CVNet's colours) is the default with
+``--cvnet-weights``; ``revisitop`` (the benchmark's PIL crop, which rounds; sg-train's scales
+1/√2, 1, √2 with antialias; the model's colours) is the default with ``--checkpoint``, as in the
+training callback. ``--scales``/``--max-size`` that differ from the protocol's make it ``custom``
+(recorded with its base). Descriptors are multi-scale (Scale-GeM over the scales when the head
+has it), cached with ``--cache-dir`` (keyed by model, protocol and data, reused while all are
+unchanged); with ``--r1m`` the R1M distractors go into a resumable fp16 memory map and
+``<dataset>+r1m`` is reported too. ``--relu-plus --rgem --gemp --sgem`` switch SuperGlobal's
+components on. The protocol is printed above the table and written, with every setting, into
+each dataset's ``--json`` entry as ``"eval_protocol"``.
 
 Descriptor mode:
 
@@ -19,7 +27,7 @@ descriptors (imlist order); both L2-normalised, fp16/fp32 (X is memory-mapped, s
 database works). Prints the paper's table (E/M/H mAP in %, without and with SuperGlobal
 reranking) and optionally writes ``{"<dataset>": {"mAP": {"E", "M", "H"}, "rerank_mAP": {...},
 "mP": ..., "rerank_mP": ...}}`` with values in [0, 1]; the dataset name comes from the
-gnd file name (gnd_<name>.pkl). Any error: one line on stderr and exit status 1.
+gnd file name (gnd_<name>.pkl). Bad input: one line on stderr and exit status 1; a bug: its traceback.
 """
 from __future__ import annotations
 
@@ -37,8 +45,10 @@ import torch  # noqa: E402
 
 from datamodules.r1m import R1MDataset  # noqa: E402
 from datamodules.revisited import RevisitedDataset  # noqa: E402
-from sg_train.descriptor_cache import DescriptorCache, dataset_fingerprint, model_fingerprint  # noqa: E402
-from sg_train.extraction import DEFAULT_SCALES, extract_all  # noqa: E402
+from sg_train.descriptor_cache import DescriptorCache, descriptor_key, model_fingerprint  # noqa: E402
+from sg_train.errors import UserInputError, is_user_error, one_line  # noqa: E402
+from sg_train.eval_protocols import EVAL_PROTOCOLS, EvalProtocol, resolve_protocol  # noqa: E402
+from sg_train.extraction import bind_protocol, extract_all  # noqa: E402
 from sg_train.files import write_json  # noqa: E402
 from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
 from sg_train.model import EmbeddingModel  # noqa: E402
@@ -70,9 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--r1m", metavar="DIR", help="revisitop1m folder (revisitop1m.txt + jpg/): add the 1M distractors")
     model.add_argument("--r1m-out", metavar="DIR",
                        help="where the R1M descriptors go (resumable; default <cache-dir>/r1m-<model fingerprint>)")
-    model.add_argument("--scales", nargs="+", type=float, default=list(DEFAULT_SCALES),
-                       help="extraction scales (default: 1/sqrt(2) 1 sqrt(2))")
-    model.add_argument("--max-size", type=int, help="shrink images so the longest side is at most this (default: as is)")
+    model.add_argument("--protocol", choices=sorted(EVAL_PROTOCOLS),
+                       help="evaluation protocol: query crop, scales and their resize, size cap, colours of a "
+                            "published evaluation (default: superglobal with --cvnet-weights, revisitop with "
+                            "--checkpoint)")
+    model.add_argument("--scales", nargs="+", type=float,
+                       help="extraction scales (default: the protocol's; others make the protocol 'custom')")
+    model.add_argument("--max-size", type=int,
+                       help="shrink images so the longest side is at most this (default: the protocol's, full "
+                            "size; a cap makes the protocol 'custom')")
     model.add_argument("--relu-plus", action="store_true", help="SuperGlobal ReLU+ (ResNets)")
     model.add_argument("--rgem", action="store_true", help="add Regional-GeM to the head")
     model.add_argument("--gemp", action="store_true", help="pool with GeM+ (p = 4.6)")
@@ -105,12 +121,12 @@ def _load_matrix(path: str, what: str, mmap: bool) -> np.ndarray:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, EOFError) as exc:
         state = "is empty (0 bytes)" if size == 0 else f"({size:,} bytes) is not a plain .npy array ({exc})"
-        raise ValueError(f"{what} file {path} {state}; it should be one 2-D float array written by numpy.save: "
+        raise UserInputError(f"{what} file {path} {state}; it should be one 2-D float array written by numpy.save: "
                          "write it again") from None
     if not isinstance(arr, np.ndarray):
-        raise ValueError(f"{what} file {path} is not a single .npy array")
+        raise UserInputError(f"{what} file {path} is not a single .npy array")
     if arr.ndim != 2 or arr.dtype.kind != "f":
-        raise ValueError(f"{what} file {path} must hold a 2-D float array, got shape {arr.shape} dtype {arr.dtype}")
+        raise UserInputError(f"{what} file {path} must hold a 2-D float array, got shape {arr.shape} dtype {arr.dtype}")
     return arr
 
 
@@ -128,8 +144,16 @@ def evaluate_descriptor_files(args: argparse.Namespace) -> dict[str, dict[str, A
     return {dataset_name(args.gnd): res}
 
 
+def protocol_of(args: argparse.Namespace) -> EvalProtocol:
+    """The run's protocol: ``--protocol`` (default superglobal for CVNet weights, where the published
+    protocol exists; revisitop for sg-train checkpoints, the training callback's default, so the numbers
+    continue a run's history), made "custom" by ``--scales``/``--max-size`` that differ from it."""
+    name = args.protocol or ("superglobal" if args.cvnet_weights else "revisitop")
+    return resolve_protocol(name, scales=args.scales, max_size=args.max_size)
+
+
 def load_model(args: argparse.Namespace) -> EmbeddingModel:
-    switches = {"rgem": args.rgem, "gemp": args.gemp, "sgem": args.sgem, "relu_plus": args.relu_plus, "scales": args.scales}
+    switches = {"rgem": args.rgem, "gemp": args.gemp, "sgem": args.sgem, "relu_plus": args.relu_plus}
     if args.checkpoint:
         return model_from_checkpoint(args.checkpoint, **switches)
     return model_from_cvnet(args.cvnet_weights, args.depth, **switches)
@@ -149,58 +173,62 @@ def with_distractors(X: torch.Tensor, r1m: R1MDescriptors, path: Path) -> np.mem
 
 
 def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    protocol = protocol_of(args)
     model = load_model(args)
+    extractor = bind_protocol(model, protocol)  # refuses a model whose colours contradict the protocol
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format}
-    extraction = {"scales": args.scales, "batch_size": args.batch_size, "num_workers": args.num_workers,
-                  "device": device, "progress": not args.no_progress}
+    extractor.to(device)
+    print(f"evaluation protocol: {protocol.summary()}", flush=True)
+    preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format, "protocol": protocol}
+    extraction = {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": device,
+                  "progress": not args.no_progress}
     cache = DescriptorCache(args.cache_dir, dtype="float16" if args.cache_fp16 else "float32") if args.cache_dir else None
-    fingerprint = model_fingerprint(model) if cache is not None or args.r1m else None
+    fingerprint = model_fingerprint(model) if cache is not None else None
 
     def descriptors(dataset: RevisitedDataset) -> torch.Tensor:
         def compute() -> torch.Tensor:
-            return extract_all(model, dataset, desc=f"{dataset.name} {dataset.split}", **extraction)
+            return extract_all(extractor, dataset, desc=f"{dataset.name} {dataset.split}", **extraction)
 
         if cache is None:
             return compute()
-        key = {"model": fingerprint, "scales": list(args.scales), "data": dataset_fingerprint(dataset)}
-        return cache.get_or_compute(key, compute)
+        return cache.get_or_compute(descriptor_key(fingerprint, dataset, protocol), compute)
 
     benchmarks = {}
     for name in args.datasets:  # every benchmark read (and its reranking checked) before any extraction
-        queries = RevisitedDataset(args.data_root, name, "query", **preprocessing, max_size=args.max_size)
-        database = RevisitedDataset(args.data_root, name, "database", **preprocessing, max_size=args.max_size)
+        queries = RevisitedDataset(args.data_root, name, "query", **preprocessing)
+        database = RevisitedDataset(args.data_root, name, "database", **preprocessing)
         if args.rerank:
             check_rerank_params(len(database), args.M, args.K, args.beta, what=f"{name} ({database.gnd_path})")
         benchmarks[name] = queries, database
 
     r1m = None
-    if args.r1m:
-        out = Path(args.r1m_out or Path(args.cache_dir) / f"r1m-{fingerprint[:16]}")
+    if args.r1m:  # the bound model: R1M items carry no protocol, and its fingerprint names the protocol
+        out = Path(args.r1m_out or Path(args.cache_dir) / f"r1m-{model_fingerprint(extractor)[:16]}")
         try:  # finished before: skip reading a million image headers
-            r1m = R1MDescriptors.open(out, model=model)
+            r1m = R1MDescriptors.open(out, model=extractor)
         except R1MExtractionError:
             distractors = R1MDataset(args.r1m, **preprocessing, progress=not args.no_progress)
-            r1m = extract_r1m(model, distractors, out, **extraction)
+            r1m = extract_r1m(extractor, distractors, out, **extraction)
     results: dict[str, dict[str, Any]] = {}
     search = {"rerank": args.rerank, "M": args.M, "K": args.K, "beta": args.beta, "backend": args.backend,
               "topk": args.topk, "faiss_index": args.faiss_index}
+    recorded = {"eval_protocol": protocol.describe()}
     for name, (queries, database) in benchmarks.items():
         Q, X = descriptors(queries), descriptors(database)
-        results[name] = evaluate_descriptors(Q, X, queries.gnd, **search)
+        results[name] = {**evaluate_descriptors(Q, X, queries.gnd, **search), **recorded}
         if r1m is not None:
             with tempfile.TemporaryDirectory(dir=r1m.out_dir) as scratch:
                 combined = with_distractors(X, r1m, Path(scratch) / "database+r1m.npy")
-                results[f"{name}+r1m"] = evaluate_descriptors(Q, combined, queries.gnd["gnd"], **search)
+                results[f"{name}+r1m"] = {**evaluate_descriptors(Q, combined, queries.gnd["gnd"], **search), **recorded}
                 del combined
     return results
 
 
 def results_json(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The numbers of ``results`` that go to ``--json`` (NaN, for a protocol without any query that
-    has positives, is written as null by :func:`sg_train.files.write_json`)."""
-    keys = ("mAP", "rerank_mAP", "mP", "rerank_mP")
+    """The numbers of ``results`` that go to ``--json``, with the evaluation protocol of model mode
+    (``"eval_protocol"``: every setting, see :meth:`EvalProtocol.describe`). NaN, for an E/M/H
+    protocol without any query that has positives, is written as null by :func:`sg_train.files.write_json`."""
+    keys = ("mAP", "rerank_mAP", "mP", "rerank_mP", "eval_protocol")
     return {name: {k: res[k] for k in keys if k in res} for name, res in results.items()}
 
 
@@ -209,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.descriptors is not None and args.gnd is None:
         parser.error("--descriptors needs --gnd FILE")
+    if args.descriptors is not None and (args.protocol or args.scales is not None or args.max_size is not None):
+        parser.error("--protocol, --scales and --max-size decide how descriptors are extracted (model mode); "
+                     "--descriptors files are used as they are")
     if args.descriptors is None and not (args.data_root and args.datasets):
         parser.error("--checkpoint / --cvnet-weights need --data-root DIR and --datasets NAME ...")
     if args.cvnet_weights and args.depth is None:
@@ -220,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_results_table(results))
         if args.json:
             write_json(args.json, results_json(results))
-    except Exception as exc:  # any failure: one clear line, non-zero status
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"evaluate.py: error: {message}", file=sys.stderr)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise  # a bug keeps its traceback: it must not look like bad input
+        print(f"evaluate.py: error: {one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

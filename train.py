@@ -6,13 +6,20 @@
 
 ``trainer.default_root_dir`` is the run folder: every file of the run goes below it (see
 :mod:`sg_train.run_folder`); a new ``fit`` refuses a folder that holds another run. The class
-count (and the per-class image counts for dynamic margins) come from the datamodule.
+count, the label map (stored in every checkpoint) and the per-class image counts for dynamic
+margins come from the datamodule.
+
+Bad input (a :class:`~sg_train.errors.UserInputError`, a missing or inaccessible path; see
+:func:`sg_train.errors.is_user_error`) ends the command with one line on stderr,
+``train.py: error: <message>``, and exit status 1; anything else is a bug and raises with its
+traceback. Under DDP every process that fails prints its own line.
 """
 from __future__ import annotations
 
 import os
 import secrets
 import string
+import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI at import otherwise
 
@@ -29,6 +36,7 @@ from callbacks.last_checkpoint import LastCheckpoint  # noqa: E402
 from callbacks.log_progress import batch_log_progress_bar  # noqa: E402
 from callbacks.skipped_images import SkippedImagesReport  # noqa: E402
 from datamodules.gldv2 import GLDv2DataModule  # noqa: E402
+from sg_train.errors import is_user_error, one_line  # noqa: E402
 from sg_train.module import LandmarkRetrievalModule  # noqa: E402
 from sg_train.run_folder import (  # noqa: E402
     CHECKPOINT_DIR,
@@ -70,6 +78,7 @@ class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_counts", "model.class_counts", compute_fn=_as_list, apply_on="instantiate")
+        parser.link_arguments("data.landmark_ids", "model.landmark_ids", apply_on="instantiate")
         parser.add_lightning_class_args(SkippedImagesReport, "skipped_images")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -174,5 +183,23 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     )
 
 
+def run_command_line() -> int:
+    """``main()`` on the command line: 0 when it finished, 1 after one line for bad input.
+
+    Anything but bad input (:func:`sg_train.errors.is_user_error`) propagates with its traceback.
+    Lightning re-raises a training failure as it was raised (after tearing down), so the original
+    exception is judged here; a wrapper raised ``from`` bad input (e.g. a retrieval evaluation
+    that failed on a damaged benchmark) counts as bad input and its own message is printed.
+    """
+    try:
+        main()
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        print(f"train.py: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command_line())

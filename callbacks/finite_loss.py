@@ -7,9 +7,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from sg_train.errors import UserInputError
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+
+class NonFiniteLossError(UserInputError, FloatingPointError):
+    """The training loss became NaN or infinite.
+
+    A :class:`~sg_train.errors.UserInputError`: the message names the step and the settings to change
+    (learning rate, margin/scale, precision); a traceback would only point at this guard."""
 
 
 class FiniteLossGuard(Callback):

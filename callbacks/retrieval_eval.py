@@ -24,13 +24,15 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.last_checkpoint import LastCheckpoint
 from datamodules.revisited import RevisitedDataset
-from sg_train.extraction import DEFAULT_SCALES, extract_descriptors, gather_descriptors
+from sg_train.eval_protocols import resolve_protocol
+from sg_train.errors import OptionError
+from sg_train.extraction import extract_descriptors, gather_descriptors
 from sg_train.files import write_json
 from sg_train.retrieval import PROTOCOLS, check_rerank_params, evaluate_descriptors, format_results_table
 from sg_train.run_folder import CHECKPOINT_DIR, LAST_CHECKPOINT, RESULTS_FILE
 
 RESULTS_FORMAT = "sg-train/retrieval-results"
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3  # 3: every evaluation records its "eval_protocol"
 
 
 class RetrievalEvaluationError(RuntimeError):
@@ -57,16 +59,26 @@ class RetrievalEvalCallback(Callback):
     Args:
         data_root: folder holding ``<name>/gnd_<name>.pkl`` and ``<name>/jpg/``.
         datasets: dataset names under ``data_root`` (``roxford5k``, ``rparis6k``, ``rsynth``, ...).
-        scales: extraction scales (Scale-GeM over them when the head has ``sgem``).
+        protocol: evaluation protocol (``sg_train/eval_protocols.py``): "revisitop" (default: the
+            benchmark's rounded crop, scales 1/√2, 1, √2 with antialias, the model's colours) or
+            "superglobal" (SuperGlobal's published test code: ``int()`` crop, scales 0.7071, 1,
+            1.4142 without antialias; the model must normalise colours as CVNet does).
+        scales: extraction scales (Scale-GeM over them when the head has ``sgem``); None: the
+            protocol's; others make the protocol "custom".
         rerank: also rank with SuperGlobal reranking (``M``, ``K``, ``beta``).
-        max_size: longest image side after resizing (``None``: images as they are).
+        max_size: longest image side after shrinking; None: the protocol's (full size); a cap
+            makes the protocol "custom".
         evaluate_before_training: also evaluate the untrained model when fitting starts.
+
+    Raises :class:`~sg_train.eval_protocols.ProtocolError` at construction for an unknown protocol
+    or bad scales/max_size, and at setup when the protocol fixes colours the model contradicts.
 
     During ``fit`` every evaluation is appended to ``<run folder>/results.json``
     (``trainer.default_root_dir``)::
 
-        {"format": "sg-train/retrieval-results", "version": 2,
+        {"format": "sg-train/retrieval-results", "version": 3,
          "evaluations": [{"stage": "untrained" | "trained", "epoch": e, "global_step": s,
+                          "eval_protocol": {"name", "base", "bbx_rounding", "scales", ...},
                           "mAP": {E, M, H}, "rerank_mAP": {...}, "per_dataset": {name: {...}}}, ...],
          "untrained": <its evaluation>, "trained": <the latest trained evaluation>}
 
@@ -79,7 +91,7 @@ class RetrievalEvalCallback(Callback):
         data_root: str,
         datasets: list[str],
         every_n_epochs: int = 1,
-        scales: Sequence[float] = DEFAULT_SCALES,
+        scales: Sequence[float] | None = None,
         rerank: bool = True,
         M: int = 400,
         K: int = 9,
@@ -89,20 +101,20 @@ class RetrievalEvalCallback(Callback):
         max_size: int | None = None,
         evaluate_before_training: bool = False,
         progress: bool = True,
+        protocol: str = "revisitop",
     ) -> None:
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+            raise OptionError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if not datasets:
-            raise ValueError("RetrievalEvalCallback needs at least one dataset name")
+            raise OptionError("RetrievalEvalCallback needs at least one dataset name")
         self.data_root = Path(data_root)
         self.datasets = list(datasets)
         self.every_n_epochs = every_n_epochs
-        self.scales = [float(s) for s in scales]
+        self.protocol = resolve_protocol(protocol, scales=scales, max_size=max_size)
         self.rerank = rerank
         self.M, self.K, self.beta = M, K, beta
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.max_size = max_size
         self.evaluate_before_training = evaluate_before_training
         self.progress = progress
         self.history: list[dict[str, Any]] = []
@@ -111,7 +123,7 @@ class RetrievalEvalCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = pl_module.model
-        preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format, "max_size": self.max_size}
+        preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format, "protocol": self.protocol}
         for name in self.datasets:  # read and check everything now, not after an epoch of training
             queries = RevisitedDataset(self.data_root, name, "query", **preprocessing)
             database = RevisitedDataset(self.data_root, name, "database", **preprocessing)
@@ -201,7 +213,7 @@ class RetrievalEvalCallback(Callback):
         indices, descriptors = extract_descriptors(
             pl_module.model,
             dataset,
-            scales=self.scales,
+            protocol=self.protocol,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             device=pl_module.device,
@@ -224,7 +236,8 @@ class RetrievalEvalCallback(Callback):
         return metrics
 
     def _record(self, stage: str, results: dict[str, dict[str, Any]], trainer: pl.Trainer) -> None:
-        entry = {"stage": stage, "epoch": trainer.current_epoch, "global_step": trainer.global_step, **summarise(results)}
+        entry = {"stage": stage, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                 "eval_protocol": self.protocol.describe(), **summarise(results)}
         self.history.append(entry)
         for name, result in entry["per_dataset"].items():
             rank_zero_info(f"retrieval {name} ({stage}, epoch {entry['epoch']}, step {entry['global_step']}): "

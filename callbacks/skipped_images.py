@@ -17,11 +17,14 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from sg_train.errors import OptionError, UserInputError
+
 __all__ = ["SkippedImagesReport", "TooManySkippedImagesError"]
 
 
-class TooManySkippedImagesError(RuntimeError):
-    """A training epoch skipped more than ``SkippedImagesReport.max_fraction`` of its samples."""
+class TooManySkippedImagesError(UserInputError, RuntimeError):
+    """A training epoch skipped more than ``SkippedImagesReport.max_fraction`` of its samples: the
+    data set's copy is broken (a :class:`~sg_train.errors.UserInputError`; a RuntimeError as before)."""
 
 
 class SkippedImagesReport(Callback):
@@ -47,12 +50,12 @@ class SkippedImagesReport(Callback):
     redone after an interruption are not listed twice. (A checkpoint written mid-epoch does not
     hold the entries that epoch has collected so far.)
 
-    Raises ``ValueError`` for a ``max_fraction`` outside [0, 1].
+    Raises :class:`~sg_train.errors.OptionError` (a ValueError) for a ``max_fraction`` outside [0, 1].
     """
 
     def __init__(self, filename: str = "skipped_images.tsv", show: int = 5, max_fraction: float = 0.05) -> None:
         if not 0.0 <= max_fraction <= 1.0:  # also refuses NaN
-            raise ValueError(
+            raise OptionError(
                 f"max_fraction must lie in [0, 1] (the largest fraction of a training epoch's samples that may be "
                 f"unreadable), got {max_fraction}"
             )

@@ -25,6 +25,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from sg_train.errors import OptionError, UserInputError
+from sg_train.weights_io import WeightsMismatchError
+
 from .collate import SkipFailedCollate
 from .gldv2_index import GLDv2Split, build_gldv2_split, default_split_path, gldv2_image_path
 from .image_dataset import ImageDataset, worker_init_fn
@@ -38,7 +41,7 @@ PREFLIGHT_SAMPLE = 256  # training files checked for existence before the first 
 PREFLIGHT_MAX_MISSING = 0.5  # more missing than this fraction of the sample stops the run
 
 
-class ClassMappingError(ValueError):
+class ClassMappingError(WeightsMismatchError):
     """A checkpoint whose class mapping does not match the current data."""
 
 
@@ -105,14 +108,14 @@ class GLDv2DataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if min_images_per_class < 1:
-            raise ValueError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
+            raise OptionError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+            raise OptionError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         for name, v in (("image_size", image_size), ("batch_size", batch_size)):
             if int(v) < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+                raise OptionError(f"{name} must be >= 1, got {v}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise OptionError(f"num_workers must be >= 0, got {num_workers}")
         resolve_normalization(mean, std, input_format or "rgb")  # validates early
         self.requested_preprocessing = {"input_format": input_format, "mean": mean, "std": std}
         self.mean, self.std = resolve_normalization(mean, std, input_format or "rgb")
@@ -216,7 +219,7 @@ class GLDv2DataModule(LightningDataModule):
                 continue
             given = str(wanted).lower() if key == "input_format" else tuple(float(v) for v in wanted)
             if given != model[key]:
-                raise ValueError(
+                raise UserInputError(
                     f"data.{key}={wanted} contradicts the model's {key} {model[key]} (model.model_options.{key}, or "
                     f"the backbone's pretrained statistics): training and evaluation must prepare pixels the same "
                     f"way; remove data.{key} (the data follows the model), or set model.model_options.{key}"
@@ -250,7 +253,7 @@ class GLDv2DataModule(LightningDataModule):
         """
         world = self._world_size()
         if len(dataset) < self.batch_size * world:
-            raise ValueError(
+            raise UserInputError(
                 f"{self.csv_path}: {len(dataset)} training images (after min_images_per_class="
                 f"{self.min_images_per_class} and the val_fraction={self.val_fraction} split) are fewer than one "
                 f"batch of data.batch_size={self.batch_size}" + (f" on each of {world} processes" if world > 1 else "")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sg_train.errors import UserInputError
 from sg_train.files import write_json
 
 __all__ = [
@@ -53,11 +54,11 @@ _INT_RE = r"\s*[+-]?\d+\s*"
 _ID_WIDTH = 32  # first-try fixed width for ids (GLDv2's are 16); wider ids are re-read
 
 
-class GLDv2CSVError(ValueError):
+class GLDv2CSVError(UserInputError):
     """A GLDv2 CSV file that does not have the expected format."""
 
 
-class SplitFileError(ValueError):
+class SplitFileError(UserInputError):
     """A split file that cannot be used with the current CSV."""
 
 

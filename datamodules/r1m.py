@@ -9,6 +9,13 @@ Some listed files are missing from the published archives (and some may be unrea
 construction every file's header is read (threaded); those that are missing or whose header
 cannot be read are reported (``missing`` + one warning with the counts) and are not items of
 the data set. ``valid_indices[i]`` is the list row of item ``i``.
+
+Distractors are read as published (longest side at most 1024) under both published evaluation
+protocols: SuperGlobal's ``test/dataset_1m.py`` feeds each ``cv2.imread`` image whole
+(``_scale_list = [1.]``; ``extract_rop1m.py`` then takes the same three scales as for the
+benchmark), and revisitop's ``python/example_process_distractors.py`` reads them whole too. The
+protocol's ``max_size`` (None for both) applies, and the protocol travels with the data set to
+extraction and cache keys.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from sg_train.eval_protocols import EvalProtocol, resolve_protocol
 
 from .revisited import EvalImageDataset, read_image_sizes
 
@@ -32,18 +41,24 @@ class MissingImagesWarning(UserWarning):
 
 
 class R1MDataset(EvalImageDataset):
-    """R1M distractor images, shrunk to ``max_size`` (1024: the published images' longest side).
+    """R1M distractor images, preprocessed under an evaluation protocol.
 
     Args:
         root: the ``revisitop1m`` folder (holding ``revisitop1m.txt`` and ``jpg/``).
         mean, std, input_format: the model's normalisation.
-        max_size: longest side after shrinking (None: keep).
+        protocol: the evaluation protocol, as for the benchmark the distractors join
+            ("revisitop", "superglobal" or an ``EvalProtocol``).
+        max_size: None: the protocol's size cap (none: the published files' longest side is
+            already 1024); a number: shrink to it, which makes the protocol "custom".
         list_file: the list's file name inside ``root``.
         progress: a progress bar while the headers are read (about a minute for 1M files).
 
     Attributes: ``names`` (every listed line, in order), ``valid_indices`` (int64, list row of
     each item), ``valid_mask`` (bool per listed row), ``missing`` (``[(row, name, reason)]``),
-    ``paths`` (one file per item), ``root``, ``list_path``.
+    ``paths`` (one file per item), ``root``, ``list_path``, ``protocol``.
+
+    Raises ``FileNotFoundError`` for a missing list or when no listed image is readable, and
+    :class:`~sg_train.eval_protocols.ProtocolError` as :class:`~datamodules.revisited.EvalImageDataset`.
     """
 
     def __init__(
@@ -53,10 +68,12 @@ class R1MDataset(EvalImageDataset):
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
         input_format: Literal["rgb", "bgr"] = "rgb",
-        max_size: int | None = 1024,
+        protocol: str | EvalProtocol = "revisitop",
+        max_size: int | None = None,
         list_file: str = R1M_LIST,
         progress: bool = False,
     ) -> None:
+        protocol = resolve_protocol(protocol, max_size=max_size)  # a bad name fails before a million headers
         self.root = Path(root)
         self.name = "revisitop1m"
         self.split = "database"
@@ -87,7 +104,7 @@ class R1MDataset(EvalImageDataset):
         self.valid_mask = np.zeros(len(self.names), dtype=bool)
         self.valid_mask[self.valid_indices] = True
         paths = [p for p, k in zip(candidate_paths, keep) if k]
-        super().__init__(paths, None, mean=mean, std=std, input_format=input_format, max_size=max_size)
+        super().__init__(paths, None, mean=mean, std=std, input_format=input_format, protocol=protocol)
         self._set_source_sizes(sizes[keep])
         if self.missing:
             shown = "; ".join(f"line {r + 1} {n!r}: {why}" for r, n, why in self.missing[:3])
@@ -107,7 +124,8 @@ class R1MDataset(EvalImageDataset):
 
     def __repr__(self) -> str:
         return (f"R1MDataset(root={str(self.root)!r}, listed={len(self.names)}, images={len(self)}, "
-                f"missing={len(self.missing)}, max_size={self.max_size}, input_format={self.input_format!r})")
+                f"missing={len(self.missing)}, protocol={self.protocol.name!r}, max_size={self.max_size}, "
+                f"input_format={self.input_format!r})")
 
 
 def _bad_line(line: str) -> str | None:

@@ -5,16 +5,19 @@ Layout (DESIGN.md section 6)::
     <root>/<name>/gnd_<name>.pkl      imlist, qimlist, gnd[{bbx, easy, hard, junk}]
     <root>/<name>/jpg/<image>.jpg     queries and database images
 
-Queries are cropped to their ``bbx`` = [x1, y1, x2, y2] (original pixel coordinates, x2/y2
-exclusive) before anything else. ``bbx_rounding="round"`` (default) follows the revisitop
-reference code (``python/example_process_images.py`` crops with ``PIL.Image.crop(bbx)``,
-which turns every coordinate into ``int(round(v))``, Python's half-to-even round) and
-cirtorch (``ImagesFromList``: the same PIL crop). ``"floor"`` follows the SuperGlobal/CVNet
-test loader (``im[int(y1):int(y2), int(x1):int(x2)]``). Then, when ``max_size`` is set and
-the longest side exceeds it, the image is shrunk (aspect kept, INTER_AREA) so that the
-longest side equals ``max_size``; smaller images are never enlarged. Finally pixels are
-normalised as the model expects: ``(pixels / 255 - mean) / std`` in the model's channel
-order (``input_format`` "rgb", or "bgr" for CVNet weights).
+Every dataset here is made for one evaluation protocol (:mod:`sg_train.eval_protocols`,
+``protocol``: "revisitop" by default, or "superglobal"), which fixes its geometry. Queries are
+cropped to their ``bbx`` = [x1, y1, x2, y2] (original pixel coordinates, x2/y2 exclusive) before
+anything else, with the protocol's rounding: ``int(round(v))`` under "revisitop" (Pillow's
+``Image.crop`` in revisitop's ``python/example_process_images.py`` and cirtorch's
+``ImagesFromList``), ``int(v)`` under "superglobal" (SuperGlobal/CVNet ``test/dataset.py``:
+``im[int(y1):int(y2), int(x1):int(x2)]``). Then, when the protocol's ``max_size`` is set and
+the longest side exceeds it, the image is shrunk (aspect kept, INTER_AREA) so that the longest
+side equals ``max_size``; smaller images are never enlarged (neither published protocol caps the
+size; a cap makes the protocol "custom"). Finally pixels are normalised as the model expects:
+``(pixels / 255 - mean) / std`` in the model's channel order (``input_format`` "rgb", or "bgr"
+for CVNet weights); a protocol that fixes the colours refuses a normalisation that contradicts
+them (:meth:`~sg_train.eval_protocols.EvalProtocol.check_colours`) at construction.
 
 Every item is ``(image float tensor (3, H, W), index)``. :meth:`EvalImageDataset.image_sizes`
 gives each item's (H, W) from the image headers alone (EXIF orientation included), so that
@@ -23,7 +26,6 @@ decoded image agrees and fails naming the file when it does not.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,32 +39,31 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from sg_train.errors import OptionError, UserInputError
 from sg_train.image_io import ImageReadError, read_image
+from sg_train.eval_protocols import EvalProtocol, resolve_protocol
 from sg_train.retrieval import load_gnd
 
 from .transforms import build_eval_transform, resolve_normalization
 
 __all__ = [
-    "BBX_ROUNDINGS",
     "SPLITS",
     "EvalImageDataset",
     "ImageSizeMismatchError",
     "QueryBoxError",
     "RevisitedDataset",
-    "crop_box",
     "fit_longest_side",
     "read_image_size",
     "read_image_sizes",
 ]
 
 SPLITS = ("query", "database")
-BBX_ROUNDINGS = ("round", "floor")
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 
 
-class QueryBoxError(ValueError):
+class QueryBoxError(UserInputError):
     """A query box that does not describe a non-empty region inside its image."""
 
 
@@ -87,15 +88,6 @@ def fit_longest_side(height: int, width: int, max_size: int | None) -> tuple[int
         return max(1, (2 * side * max_size + longest) // (2 * longest))
 
     return fit(height), fit(width)
-
-
-def crop_box(bbx: Sequence[float], rounding: Literal["round", "floor"] = "round") -> tuple[int, int, int, int]:
-    """Integer crop ``(x1, y1, x2, y2)`` (x2, y2 exclusive) of a float box, see the module docstring."""
-    if rounding == "round":
-        return tuple(int(round(float(v))) for v in bbx)  # type: ignore[return-value]
-    if rounding == "floor":
-        return tuple(int(math.floor(float(v))) for v in bbx)  # type: ignore[return-value]
-    raise ValueError(f"bbx_rounding must be one of {BBX_ROUNDINGS}, got {rounding!r}")
 
 
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -162,7 +154,15 @@ class EvalImageDataset(Dataset):
         boxes: per item an integer crop ``(x1, y1, x2, y2)`` (x2/y2 exclusive) or None; the
             boxes must already be checked against the image sizes.
         mean, std, input_format: the model's normalisation (see :mod:`datamodules.transforms`).
-        max_size: longest side after shrinking (None: keep the size).
+        protocol: the evaluation protocol (name or ``EvalProtocol``) whose ``max_size`` applies.
+        max_size: None: the protocol's size cap; a number: the longest side after shrinking,
+            which makes the protocol its "custom" variant when it differs.
+
+    Attributes: ``protocol`` (the resolved one, what extraction and cache keys read),
+    ``max_size``, ``mean``, ``std``, ``input_format``, ``paths``, ``boxes``.
+
+    Raises :class:`~sg_train.eval_protocols.ProtocolError` for an unknown protocol, a bad
+    ``max_size``, or colours the protocol fixes and the normalisation contradicts.
     """
 
     def __init__(
@@ -173,17 +173,19 @@ class EvalImageDataset(Dataset):
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
         input_format: Literal["rgb", "bgr"] = "rgb",
+        protocol: str | EvalProtocol = "revisitop",
         max_size: int | None = None,
     ) -> None:
-        if max_size is not None and int(max_size) < 1:
-            raise ValueError(f"max_size must be a positive number of pixels or None, got {max_size}")
+        self.protocol = resolve_protocol(protocol, max_size=max_size)
         self.paths: list[str] = [os.fspath(p) for p in paths]  # str, not Path: 1M of them stay small
         self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
         if len(self.boxes) != len(self.paths):
             raise ValueError(f"{len(self.boxes)} boxes for {len(self.paths)} images")
-        self.max_size = None if max_size is None else int(max_size)
+        self.max_size = self.protocol.max_size
         self.mean, self.std = resolve_normalization(mean, std, input_format)
         self.input_format = str(input_format).lower()
+        self.protocol.check_colours(self.input_format, self.mean, self.std, what="the normalisation given to the "
+                                    f"{type(self).__name__} (the model's)")
         self._transform = build_eval_transform(None, mean=self.mean, std=self.std, input_format=self.input_format)
         self._source_sizes: np.ndarray | None = None  # (n, 2) header sizes, read on demand
 
@@ -253,7 +255,7 @@ class EvalImageDataset(Dataset):
     def describe(self) -> dict[str, Any]:
         """What decides the pixels fed to the model (for cache keys); see descriptor_cache."""
         return {"class": type(self).__name__, "preprocessing": self.preprocessing,
-                "boxes": [None if b is None else list(b) for b in self.boxes]}
+                "eval_protocol": self.protocol.describe(), "boxes": [None if b is None else list(b) for b in self.boxes]}
 
 
 # ---------------------------------------------------------------------------- Revisited
@@ -265,15 +267,19 @@ class RevisitedDataset(EvalImageDataset):
         name: data set name, e.g. "roxford5k", "rparis6k", "rsynth".
         split: "query" or "database".
         mean, std, input_format: the model's normalisation (``EmbeddingModel.mean`` etc.).
-        max_size: longest side after shrinking (None: full resolution, as published).
-        bbx_rounding: "round" (revisitop/cirtorch PIL crop) or "floor" (SuperGlobal/CVNet).
+        protocol: the evaluation protocol, "revisitop" (default) or "superglobal" (or an
+            ``EvalProtocol``): query crop rounding, size cap, and colours where it fixes them.
+        max_size: None: the protocol's size cap (none for both published protocols); a number:
+            the longest side after shrinking, which makes the protocol "custom".
 
     Attributes: ``gnd`` (the validated ground truth of :func:`sg_train.retrieval.load_gnd`),
-    ``names`` (image names of this split), ``name``, ``split``, ``gnd_path``, ``paths``.
+    ``names`` (image names of this split), ``name``, ``split``, ``gnd_path``, ``paths``,
+    ``protocol``.
 
     Raises at construction: ``FileNotFoundError`` for a missing ground truth or images (naming
     them), :class:`QueryBoxError` for a query box outside its image or empty once rounded,
-    :class:`ImageReadError` for a query image whose header cannot be read.
+    :class:`ImageReadError` for a query image whose header cannot be read,
+    :class:`~sg_train.eval_protocols.ProtocolError` as :class:`EvalImageDataset`.
     """
 
     def __init__(
@@ -285,17 +291,15 @@ class RevisitedDataset(EvalImageDataset):
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
         input_format: Literal["rgb", "bgr"] = "rgb",
+        protocol: str | EvalProtocol = "revisitop",
         max_size: int | None = None,
-        bbx_rounding: Literal["round", "floor"] = "round",
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if bbx_rounding not in BBX_ROUNDINGS:
-            raise ValueError(f"bbx_rounding must be one of {BBX_ROUNDINGS}, got {bbx_rounding!r}")
+            raise OptionError(f"split must be one of {SPLITS}, got {split!r}")
+        protocol = resolve_protocol(protocol, max_size=max_size)
         self.root = Path(root)
         self.name = str(name)
         self.split = split
-        self.bbx_rounding = bbx_rounding
         self.gnd_path = self.root / self.name / f"gnd_{self.name}.pkl"
         if not self.gnd_path.is_file():
             raise FileNotFoundError(f"ground truth of data set {self.name!r} not found: {self.gnd_path} "
@@ -314,31 +318,32 @@ class RevisitedDataset(EvalImageDataset):
         source_sizes = None
         if split == "query":
             source_sizes = np.array([read_image_size(p) for p in paths], dtype=np.int64).reshape(-1, 2)
-            boxes = [self._query_box(qi, paths[qi], source_sizes[qi]) for qi in range(len(paths))]
-        super().__init__(paths, boxes, mean=mean, std=std, input_format=input_format, max_size=max_size)
+            boxes = [self._query_box(qi, paths[qi], source_sizes[qi], protocol) for qi in range(len(paths))]
+        super().__init__(paths, boxes, mean=mean, std=std, input_format=input_format, protocol=protocol)
         if source_sizes is not None:
             self._set_source_sizes(source_sizes)
 
-    def _query_box(self, qi: int, path: Path, size: np.ndarray) -> tuple[int, int, int, int] | None:
+    def _query_box(self, qi: int, path: Path, size: np.ndarray,
+                   protocol: EvalProtocol) -> tuple[int, int, int, int] | None:
         bbx = self.gnd["gnd"][qi].get("bbx")
         if bbx is None:
             return None  # a query without a box is used whole
         height, width = int(size[0]), int(size[1])
-        x1, y1, x2, y2 = crop_box(bbx, self.bbx_rounding)
+        x1, y1, x2, y2 = protocol.crop_box(bbx)
         where = f"{self.name} query {qi} ({self.names[qi]!r}, {path})"
         if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
             raise QueryBoxError(f"{where}: bbx {list(bbx)} (rounded {[x1, y1, x2, y2]}) lies outside the image "
                                 f"of {width} x {height} (W x H)")
         if x2 - x1 < 1 or y2 - y1 < 1:
             raise QueryBoxError(f"{where}: bbx {list(bbx)} is empty once rounded to pixels ({[x1, y1, x2, y2]}, "
-                                f"bbx_rounding={self.bbx_rounding!r})")
+                                f"protocol {protocol.name!r}, bbx_rounding={protocol.bbx_rounding!r})")
         return x1, y1, x2, y2
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out.update(name=self.name, split=self.split, names=self.names, bbx_rounding=self.bbx_rounding)
+        out.update(name=self.name, split=self.split, names=self.names)
         return out
 
     def __repr__(self) -> str:
         return (f"RevisitedDataset(name={self.name!r}, split={self.split!r}, images={len(self)}, "
-                f"max_size={self.max_size}, input_format={self.input_format!r})")
+                f"protocol={self.protocol.name!r}, max_size={self.max_size}, input_format={self.input_format!r})")

@@ -25,6 +25,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
+from sg_train.errors import OptionError  # noqa: E402
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -66,16 +68,16 @@ def resolve_normalization(
         std = IMAGENET_STD if fmt == "rgb" else IMAGENET_STD[::-1]
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values each, got mean={mean}, std={std}")
+        raise OptionError(f"mean and std need 3 values each, got mean={mean}, std={std}")
     if any(s <= 0 for s in std):
-        raise ValueError(f"std must be positive, got {std}")
+        raise OptionError(f"std must be positive, got {std}")
     return mean, std
 
 
 def _check_format(input_format: str) -> str:
     fmt = str(input_format).lower()
     if fmt not in ("rgb", "bgr"):
-        raise ValueError(f"input_format must be 'rgb' or 'bgr', got {input_format!r}")
+        raise OptionError(f"input_format must be 'rgb' or 'bgr', got {input_format!r}")
     return fmt
 
 
@@ -88,7 +90,7 @@ def _normalize_tail(mean, std, input_format) -> list:
 def _pair(v, name: str, cast=float) -> tuple:
     v = tuple(cast(x) for x in v)
     if len(v) != 2 or v[0] > v[1]:
-        raise ValueError(f"{name} must be a (low, high) pair, got {v}")
+        raise OptionError(f"{name} must be a (low, high) pair, got {v}")
     return v
 
 
@@ -127,19 +129,19 @@ def build_train_transform(
     scale = _pair(scale, "scale")
     ratio = _pair(ratio, "ratio")
     if not (0 < scale[0] <= scale[1] <= 1):
-        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+        raise OptionError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
     q = _pair(jpeg_quality, "jpeg_quality", int)
     if not (1 <= q[0] <= q[1] <= 100):
-        raise ValueError(f"jpeg_quality must lie in [1, 100], got {q}")
+        raise OptionError(f"jpeg_quality must lie in [1, 100], got {q}")
     ts: list = [A.RandomResizedCrop(size=(h, w), scale=scale, ratio=ratio, area_for_downscale="image")]
     if hflip_p > 0:
         ts.append(A.HorizontalFlip(p=hflip_p))
     if (color_jitter > 0 or color_jitter_hue > 0) and color_jitter_p > 0:
         s = float(color_jitter)
         if not 0 <= s < 1:
-            raise ValueError(f"color_jitter must lie in [0, 1), got {s}")
+            raise OptionError(f"color_jitter must lie in [0, 1), got {s}")
         if not 0 <= color_jitter_hue <= 0.5:
-            raise ValueError(f"color_jitter_hue must lie in [0, 0.5], got {color_jitter_hue}")
+            raise OptionError(f"color_jitter_hue must lie in [0, 0.5], got {color_jitter_hue}")
         hue = float(color_jitter_hue)
         ts.append(
             A.ColorJitter(
@@ -174,7 +176,7 @@ def build_eval_transform(
     if image_size is not None:
         ts.append(A.LongestMaxSize(max_size=int(image_size), area_for_downscale="image"))
     elif pad_to_square:
-        raise ValueError("pad_to_square needs an image_size")
+        raise OptionError("pad_to_square needs an image_size")
     ts += _normalize_tail(mean, std, input_format)
     if pad_to_square:
         ts.append(

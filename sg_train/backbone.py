@@ -4,123 +4,27 @@
 global_pool="")`` and checks that its ``forward_features`` returns an NCHW map (pooling heads
 need one; ViTs return token sequences and are refused with an error naming the model).
 
-``read_state_dict(path)`` / ``load_torch_file(path, ...)`` read a weights or checkpoint file; a
-file that cannot be read (empty, cut short, an HTML page or a Git LFS pointer instead of the
-weights) raises :class:`WeightsFileError` naming the path, its size and what it should hold.
-
-``load_backbone_weights(model, path)`` loads a local weights file and checks it strictly:
-the only keys allowed to be absent from the model are the classifier's (timm's
-``pretrained_cfg["classifier"]``, e.g. ``fc.*`` of a ResNet, which ``num_classes=0`` removes);
-the only keys allowed to be absent from the file are BatchNorm ``num_batches_tracked``
-counters (older torchvision files have none; they do not change the outputs). Anything else
-missing, unexpected or of the wrong shape raises :class:`WeightsMismatchError` listing the
-keys, before a single tensor is copied.
+``load_backbone_weights(model, path)`` reads a local weights file
+(:func:`sg_train.weights_io.read_state_dict`) and checks it strictly: the only keys allowed to be
+absent from the model are the classifier's (timm's ``pretrained_cfg["classifier"]``, e.g. ``fc.*``
+of a ResNet, which ``num_classes=0`` removes); the only keys allowed to be absent from the file are
+BatchNorm ``num_batches_tracked`` counters (older torchvision files have none; they do not change
+the outputs). Anything else missing, unexpected or of the wrong shape raises
+:class:`~sg_train.weights_io.WeightsMismatchError` listing the keys, before a single tensor is copied.
 """
 from __future__ import annotations
 
 import difflib
 import os
-import re
-from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "WeightsFileError",
-    "WeightsMismatchError",
-    "create_backbone",
-    "load_torch_file",
-    "read_state_dict",
-    "load_backbone_weights",
-    "classifier_prefixes",
-    "describe_keys",
-    "state_dict_mismatches",
-    "natural_key",
-]
+from .errors import OptionError
+from .weights_io import WeightsMismatchError, read_state_dict, state_dict_mismatches
 
-#: containers a checkpoint may nest its state dict under, tried in this order
-NESTED_STATE_KEYS = ("state_dict", "model", "model_state")
-
-
-class WeightsMismatchError(ValueError):
-    """A weights file whose keys or shapes do not fit the model."""
-
-
-class WeightsFileError(WeightsMismatchError):
-    """A weights or checkpoint file that cannot be read at all: empty, cut short or another format."""
-
-
-def _looks_like(head: bytes) -> str:
-    """What the first bytes of a file that should hold weights suggest instead ("" when nothing)."""
-    if head.startswith(b"version https://git-lfs"):
-        return ", but it is a Git LFS pointer: run `git lfs pull` in the repository it came from"
-    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml")):
-        return ", but it is an HTML/XML page (a failed or login-walled download?): download it again"
-    return ""
-
-
-def _unreadable(
-    path: Path, what: str, expected: str, exc: BaseException | None = None, hint: str = ""
-) -> WeightsFileError:
-    """The :class:`WeightsFileError` for ``path``: its size, what it should be, why and the fix.
-
-    ``what`` names the role ("checkpoint", "weights file"), ``expected`` the content it should
-    have; ``exc`` is the reader's own error (None for an empty file); ``hint`` is added unless
-    the first bytes show the file is something else entirely (an LFS pointer, a web page).
-    """
-    size = path.stat().st_size
-    if size == 0:
-        return WeightsFileError(
-            f"{what} {path} is empty (0 bytes); it should be {expected}. The file was cut short "
-            "(a full disk or an interrupted copy or download): copy or download it again"
-        )
-    with open(path, "rb") as fh:
-        other = _looks_like(fh.read(64))
-    first = " ".join(str(exc).split()).split(". ")[0][:200] if exc is not None else ""
-    cause = f" ({type(exc).__name__}: {first})" if exc is not None else ""
-    return WeightsFileError(
-        f"cannot read {what} {path} ({size:,} bytes){cause}; it should be {expected}"
-        + (other or f". If it is cut short or damaged, copy or download it again{hint}")
-    )
-
-
-def load_torch_file(path: str | os.PathLike, *, what: str, expected: str, weights_only: bool = True) -> object:
-    """``torch.load(path)`` onto the CPU, with an error that names the file when it cannot be read.
-
-    Raises FileNotFoundError for a missing file and :class:`WeightsFileError` (a ValueError)
-    naming ``what``, the path, its size in bytes and ``expected`` for an empty, truncated or
-    foreign file. With ``weights_only`` (no code runs) a file holding other objects is refused
-    too, with a hint: pass ``weights_only=False`` only for files you trust.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    if path.stat().st_size == 0:
-        raise _unreadable(path, what, expected)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as exc:  # noqa: BLE001 - re-raised naming the file, its size and what it should be
-        hint = (
-            "; it may also hold objects other than tensors: if the file is from a source you trust, "
-            "trust_pickle=True lets it unpickle them"
-            if weights_only and "weights_only" in str(exc) else ""
-        )
-        raise _unreadable(path, what, expected, exc, hint) from exc
-
-
-def natural_key(text: str) -> list[object]:
-    """Sort key that orders ``s3.b7`` before ``s3.b10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def describe_keys(keys: Iterable[str], limit: int = 10) -> str:
-    """``"3 keys: a, b, c"`` / ``"25 keys: k1, ..., k10, ... (+15 more)"`` (natural order)."""
-    keys = sorted(keys, key=natural_key)
-    shown = ", ".join(keys[:limit])
-    more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"{len(keys)} key{'s' if len(keys) != 1 else ''}: {shown}{more}"
+__all__ = ["create_backbone", "load_backbone_weights", "classifier_prefixes"]
 
 
 def _suggest(name: str) -> list[str]:
@@ -137,8 +41,9 @@ def _suggest(name: str) -> list[str]:
 def create_backbone(name: str) -> nn.Module:
     """A timm model without classifier or global pool whose ``forward_features`` gives NCHW.
 
-    Unknown name: ValueError listing close matches. Non-NCHW output (ViT tokens, NHWC maps):
-    ValueError naming the model. Weights are random (``pretrained=False``); see
+    Unknown name: :class:`~sg_train.errors.OptionError` listing close matches. Non-NCHW output
+    (ViT tokens, NHWC maps) or a ``forward_features`` that fails on a blank image: OptionError
+    naming the model. Weights are random (``pretrained=False``); see
     :func:`load_backbone_weights`.
     """
     import timm
@@ -146,7 +51,7 @@ def create_backbone(name: str) -> nn.Module:
     if not isinstance(name, str) or not timm.is_model(name):
         close = _suggest(str(name))
         hint = f"close matches: {', '.join(close)}" if close else "see timm.list_models()"
-        raise ValueError(f"unknown timm backbone {name!r}; {hint}")
+        raise OptionError(f"unknown timm backbone {name!r}; {hint}")
     model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
     _check_nchw(model, name)
     return model
@@ -173,56 +78,17 @@ def _check_nchw(model: nn.Module, name: str) -> None:
             break
         except Exception as exc:  # noqa: BLE001 - retried at the full size, then re-raised with the model named
             if i == len(sizes) - 1:
-                raise ValueError(
+                raise OptionError(
                     f"backbone {name!r}: forward_features failed on a {size[0]}x{size[1]} probe image: {exc}"
                 ) from exc
     channels = getattr(model, "num_features", None)
     if not isinstance(out, Tensor) or out.ndim != 4 or (channels is not None and out.shape[1] != channels):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
+        raise OptionError(
             f"backbone {name!r}: forward_features returns {shape}, not an NCHW feature map with "
             f"{channels} channels; the pooling heads need a convolutional backbone (e.g. resnet50, "
             "convnext_tiny, efficientnet_b0), not a token sequence (ViT) or an NHWC map"
         )
-
-
-def read_state_dict(
-    path: str | os.PathLike, *, trust_pickle: bool = False, what: str = "weights file"
-) -> dict[str, Tensor]:
-    """Read a weights file (.safetensors, or anything ``torch.load`` reads: .pth/.pt/.bin/.ckpt).
-
-    A state dict nested under ``state_dict`` / ``model`` / ``model_state`` is unwrapped; a
-    ``module.`` prefix carried by every key (DataParallel/DDP) is stripped. Loaded on the CPU
-    with ``weights_only=True`` (no code runs) unless ``trust_pickle`` is set, which lets a
-    file you trust unpickle arbitrary objects (e.g. an old checkpoint holding numpy scalars).
-    ``what`` names the file's role in errors. Raises FileNotFoundError, :class:`WeightsFileError`
-    for a file that cannot be read (empty, truncated, another format; naming path and size) and
-    :class:`WeightsMismatchError` for one that holds no state dict of tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    expected = "a state dict of tensors saved with torch.save (.pth/.pt/.bin/.ckpt) or a .safetensors file"
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj: object = load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - re-raised naming the file, its size and what it should be
-            raise _unreadable(path, what, "a .safetensors file", exc) from exc
-    else:
-        obj = load_torch_file(path, what=what, expected=expected, weights_only=not trust_pickle)
-    for key in NESTED_STATE_KEYS:
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        kind = f"keys {describe_keys(map(str, obj))}" if isinstance(obj, Mapping) else type(obj).__name__
-        raise WeightsMismatchError(f"{path} does not hold a state dict of tensors (found {kind})")
-    state = dict(obj)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
 
 
 def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -232,31 +98,6 @@ def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     if cls is None:
         return ()
     return (cls,) if isinstance(cls, str) else tuple(cls)
-
-
-def state_dict_mismatches(
-    expected: Mapping[str, Tensor], given: Mapping[str, Tensor], *, droppable: Callable[[str], bool] = lambda key: False
-) -> list[str]:
-    """Why ``given`` does not fit a model whose state dict is ``expected`` (empty when it fits).
-
-    Lists keys missing from ``given`` (BatchNorm ``num_batches_tracked`` may be), keys the model
-    does not have (unless ``droppable``) and wrong shapes.
-    """
-    unexpected = sorted(k for k in given if k not in expected and not droppable(k))
-    missing = sorted(k for k in expected if k not in given and not k.endswith("num_batches_tracked"))
-    wrong_shape = sorted(
-        f"{k} (file {tuple(given[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in given and given[k].shape != v.shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing from the file: {describe_keys(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {describe_keys(unexpected)}")
-    if wrong_shape:
-        problems.append(f"wrong shape: {describe_keys(wrong_shape)}")
-    return problems
 
 
 def load_backbone_weights(
@@ -286,6 +127,6 @@ def load_backbone_weights(
     kept = {k: v for k, v in state.items() if k in expected}
     result = model.load_state_dict(kept, strict=False)
     leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if leftover or result.unexpected_keys:  # cannot happen after the checks above; never pass silently
-        raise WeightsMismatchError(f"weights {source}: load_state_dict reported {result}")
+    if leftover or result.unexpected_keys:  # a bug if it happens (the checks above passed): never pass silently
+        raise RuntimeError(f"weights {source}: load_state_dict reported {result} after the fit checks passed")
     return {"dropped_classifier_keys": dropped}

@@ -29,7 +29,7 @@ always truthy, instead of the flag).
 
 Strictness: every key under the prefix must map and every backbone/head key must be present
 with the right shape (BatchNorm ``num_batches_tracked`` may be absent); otherwise
-:class:`~sg_train.backbone.WeightsMismatchError` names the keys and the stage blocks (a
+:class:`~sg_train.weights_io.WeightsMismatchError` names the keys and the stage blocks (a
 ResNet-50 file read as depth 101 misses ``s3.b7`` ... ``s3.b23``).
 """
 from __future__ import annotations
@@ -41,9 +41,11 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from .backbone import WeightsMismatchError, describe_keys, load_backbone_weights, natural_key, read_state_dict
+from .backbone import load_backbone_weights
+from .errors import OptionError
 from .model import EmbeddingModel
 from .pooling.gem import GeM
+from .weights_io import WeightsMismatchError, describe_keys, natural_key, read_state_dict
 
 __all__ = [
     "CVNET_MEAN_BGR",
@@ -97,7 +99,7 @@ def pycls_to_timm_key(key: str) -> str | None:
 
 def _check_depth(depth: int) -> None:
     if depth not in STAGE_DEPTHS:
-        raise ValueError(f"CVNet depth must be one of {sorted(STAGE_DEPTHS)}, got {depth!r}")
+        raise OptionError(f"CVNet depth must be one of {sorted(STAGE_DEPTHS)}, got {depth!r}")
 
 
 def expected_pycls_keys(depth: int) -> list[str]:
@@ -233,9 +235,9 @@ def load_cvnet_weights(
 
     ``model_options`` as in :func:`cvnet_state_dict_to_embedding_model`; e.g. the SuperGlobal
     setting is ``head="rgem+gemp+sgem", relu_plus=True, scales=(0.7071, 1.0, 1.4142)``.
-    FileNotFoundError for a missing file, :class:`~sg_train.backbone.WeightsFileError` for one
+    FileNotFoundError for a missing file, :class:`~sg_train.weights_io.WeightsFileError` for one
     that cannot be read (empty, truncated, another format: naming path and size);
-    ``trust_pickle`` as in :func:`sg_train.backbone.read_state_dict`.
+    ``trust_pickle`` as in :func:`sg_train.weights_io.read_state_dict`.
     """
     state = read_state_dict(path, trust_pickle=trust_pickle, what="CVNet weights file")
     try:

@@ -8,10 +8,13 @@ whole entry or none. A reader checks the stored key, shape, dtype and digest; an
 does not match (a corrupt or truncated file, a hash collision) is recomputed with a warning,
 never returned.
 
-Keys are typically ``{"model": model_fingerprint(m), "data": dataset_fingerprint(ds),
-"scales": [...], ...}``. :func:`model_fingerprint` hashes every parameter and buffer and the
-model's preprocessing; :func:`dataset_fingerprint` the dataset's description (names, boxes,
-preprocessing, max_size) and every image file's size and modification time.
+Keys are :func:`descriptor_key`: ``{"model": model_fingerprint(m), "eval_protocol":
+protocol.describe(), "data": dataset_fingerprint(ds)}``. :func:`model_fingerprint` hashes every
+parameter and buffer and the model's preprocessing; the evaluation protocol
+(:mod:`sg_train.eval_protocols`: crop rule, scales, resize, size cap, colours) is in the key with
+every setting, so descriptors of one protocol are never returned for another;
+:func:`dataset_fingerprint` hashes the dataset's description (names, boxes, preprocessing,
+max_size, its protocol) and every image file's size and modification time.
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .eval_protocols import EvalProtocol, get_protocol
 from .files import array_digest, atomic_write, write_json
 
-__all__ = ["CacheEntryWarning", "DescriptorCache", "canonical_json", "dataset_fingerprint", "model_fingerprint"]
+__all__ = ["CacheEntryWarning", "DescriptorCache", "canonical_json", "dataset_fingerprint", "descriptor_key",
+           "model_fingerprint"]
 
 DTYPES = ("float32", "float16")
 
@@ -85,6 +90,14 @@ def dataset_fingerprint(dataset: Any) -> str:
             raise FileNotFoundError(f"image {path} of the dataset no longer exists") from None
         h.update(f"\n{path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()
+
+
+def descriptor_key(model_fp: str, dataset: Any, protocol: str | EvalProtocol) -> dict[str, Any]:
+    """The cache key of ``dataset``'s descriptors by the model with fingerprint ``model_fp``
+    (:func:`model_fingerprint`, computed once by the caller: it reads every weight) under the
+    evaluation ``protocol`` (a name or an ``EvalProtocol``; all its settings go into the key)."""
+    return {"model": model_fp, "eval_protocol": get_protocol(protocol).describe(),
+            "data": dataset_fingerprint(dataset)}
 
 
 def _jsonable(obj: Any) -> Any:

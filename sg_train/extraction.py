@@ -8,25 +8,124 @@ batch as in a single process and the gathered result equals single-process bit f
 
 Datasets: anything with ``__len__``, ``__getitem__(i) -> (image (3, H, W), i)`` and
 ``image_sizes() -> [(H, W)]`` (e.g. :class:`datamodules.revisited.RevisitedDataset`,
-:class:`datamodules.r1m.R1MDataset`).
+:class:`datamodules.r1m.R1MDataset`), optionally ``protocol`` (the
+:class:`~sg_train.eval_protocols.EvalProtocol` it was made for), or a wrapper whose ``dataset``
+attribute is such a dataset (torch's ``Subset``, the R1M chunks of
+:func:`sg_train.r1m_extraction.extract_r1m`).
+
+The evaluation protocol decides the scales and how each is resized (:class:`ProtocolModel`):
+it comes from the ``protocol`` argument, a model bound with :func:`bind_protocol`, or the
+dataset, and where more than one is given they must agree. Without any, the model's own
+``extract(images, scales)`` runs (its default scales and resize).
 """
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from sg_train.eval_protocols import EvalProtocol, ProtocolError, get_protocol
 from sg_train.image_io import ImageReadError
 
-__all__ = ["DEFAULT_SCALES", "extract_all", "extract_descriptors", "gather_descriptors", "plan_batches"]
+__all__ = ["ProtocolModel", "bind_protocol", "extract_all", "extract_descriptors", "gather_descriptors",
+           "plan_batches"]
 
-#: SuperGlobal's evaluation scales
-DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
+
+class ProtocolModel(nn.Module):
+    """A model that extracts multi-scale descriptors the way an evaluation protocol says.
+
+    ``extract(images, scales=None)``: for each scale (None: the protocol's), the normalised NCHW
+    batch is resized by :meth:`EvalProtocol.resize <sg_train.eval_protocols.EvalProtocol.resize>`
+    and embedded (``model.embed``: FC outputs ``(B, D)``); the head aggregates the scales
+    (``model.head.aggregate_scales``: Scale-GeM max / finite, or mean) and the result is
+    L2-normalised, ``(B, D)`` float. This is ``EmbeddingModel.extract`` with the protocol's resize
+    in place of the model's own (bilinear with antialias), which SuperGlobal's published code does
+    not use.
+
+    Parameters, buffers, ``embedding_dim``, ``preprocessing``, ``input_format``, ``mean`` and
+    ``std`` are the wrapped model's; ``scales`` are the protocol's; ``repr`` names the protocol
+    with every setting, so :func:`sg_train.descriptor_cache.model_fingerprint` tells protocols apart.
+
+    Raises :class:`~sg_train.eval_protocols.ProtocolError` when the protocol fixes colours that the
+    model's ``input_format``/``mean``/``std`` contradict.
+    """
+
+    def __init__(self, model: nn.Module, protocol: str | EvalProtocol) -> None:
+        super().__init__()
+        protocol = get_protocol(protocol)
+        protocol.check_colours(model.input_format, model.mean, model.std, what=f"the model ({type(model).__name__})")
+        self.model = model
+        self.protocol = protocol
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.embedding_dim)
+
+    @property
+    def preprocessing(self) -> Any:
+        return self.model.preprocessing
+
+    @property
+    def input_format(self) -> str:
+        return self.model.input_format
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.model.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.model.std
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return self.protocol.scales
+
+    def extract(self, images: Tensor, scales: Sequence[float] | None = None) -> Tensor:
+        scales = self.protocol.scales if scales is None else [float(s) for s in scales]
+        per_scale = [self.model.embed(self.protocol.resize(images, s)) for s in scales]
+        return F.normalize(self.model.head.aggregate_scales(per_scale), p=2, dim=-1)
+
+    def extra_repr(self) -> str:
+        return "protocol=" + json.dumps(self.protocol.describe(), sort_keys=True)
+
+
+def bind_protocol(model: nn.Module, protocol: str | EvalProtocol) -> ProtocolModel:
+    """``model`` extracting under ``protocol`` (a bound model is re-bound to the protocol given).
+
+    For code that hands a model to something that calls ``model.extract`` itself (e.g.
+    :func:`sg_train.r1m_extraction.extract_r1m`, whose R1M items carry no protocol).
+    """
+    inner = model.model if isinstance(model, ProtocolModel) else model
+    protocol = get_protocol(protocol)
+    if isinstance(model, ProtocolModel) and model.protocol == protocol:
+        return model
+    return ProtocolModel(inner, protocol)
+
+
+def _resolve_protocol(model: nn.Module, dataset: Any, protocol: str | EvalProtocol | None) -> EvalProtocol | None:
+    """The one protocol among the argument, a bound model's and the dataset's; ProtocolError if they differ."""
+    found: dict[str, EvalProtocol] = {}
+    if protocol is not None:
+        found["the protocol argument"] = get_protocol(protocol)
+    if isinstance(model, ProtocolModel):
+        found["the model"] = model.protocol
+    source = dataset
+    while source is not None and getattr(source, "protocol", None) is None:
+        source = getattr(source, "dataset", None)  # a wrapper: the protocol of what it wraps
+    if source is not None:
+        found[f"dataset {getattr(source, 'name', type(source).__name__)!r}"] = source.protocol
+    if len(set(found.values())) > 1:
+        listed = "; ".join(f"{where}: {p.summary()}" for where, p in found.items())
+        raise ProtocolError(f"extraction got different evaluation protocols ({listed}); build the datasets and "
+                            "the extraction with the same one")
+    return next(iter(found.values()), None)
 
 
 def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -93,6 +192,7 @@ def extract_descriptors(
     model: nn.Module,
     dataset: Any,
     *,
+    protocol: str | EvalProtocol | None = None,
     scales: Sequence[float] | None = None,
     batch_size: int = 32,
     num_workers: int = 0,
@@ -105,12 +205,17 @@ def extract_descriptors(
     """Descriptors of the batches this shard owns: ``(indices (n,) int64, descriptors (n, D) float32)``, CPU.
 
     Runs ``model.extract(images, scales)`` under ``model.eval()`` and ``torch.inference_mode()``
-    (every submodule's train/eval flag is restored afterwards), without autocast. The plan is
+    (every submodule's train/eval flag is restored afterwards), without autocast; under an
+    evaluation protocol the model is a :class:`ProtocolModel` of it. The plan is
     :func:`plan_batches` of ``dataset.image_sizes()``; shard ``(rank, world)`` takes batches
     ``plan[rank::world]``, in plan order.
 
     Args:
-        scales: extraction scales (None: the model's default).
+        protocol: the evaluation protocol (a name or an ``EvalProtocol``); None: the bound model's
+            or the dataset's, if any (see the module docstring). ``ProtocolError`` when the
+            argument, a bound model and the dataset name different protocols.
+        scales: extraction scales (None: the protocol's, else the model's default); under a
+            protocol, other scales make it the protocol's "custom" variant.
         device: where images go; must be where the model is (None: the model's device).
         on_unreadable: None: an unreadable image raises. Otherwise it is called with
             ``(index, error)``, the image is left out of its batch and gets no row.
@@ -118,6 +223,10 @@ def extract_descriptors(
     rank, world = (int(v) for v in shard)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    resolved = _resolve_protocol(model, dataset, protocol)
+    if resolved is not None:
+        model = bind_protocol(model, resolved if scales is None else resolved.customised(scales=scales))
+        scales = None
     model_device = _model_device(model)
     device = model_device if device is None else torch.device(device)
     if device.type != model_device.type or (device.index is not None and model_device.index is not None

@@ -1,9 +1,12 @@
 """Start a run from an earlier sg-train checkpoint, possibly on a different set of classes.
 
-The embedding model must fit completely (names and shapes): a checkpoint of another backbone or
-head is refused, never half-loaded. The class weights of the margin loss are taken whole when the
-class set is the same; when it differs, rows of landmarks present in both runs are copied (matched
-by their original landmark ids) and the rest keep their fresh initialisation. Strict
+The embedding model must be the one the checkpoint holds: its stored configuration
+(:attr:`EmbeddingModel.config <sg_train.model.EmbeddingModel.config>`) must agree with the
+configured model on every value that changes what the loaded weights compute, and the weights
+must fit completely (names and shapes). A checkpoint of another backbone, head or preprocessing is
+refused, never half-loaded. The class weights of the margin loss are taken whole when the class
+set is the same; when it differs, rows of landmarks present in both runs are copied (matched by
+their original landmark ids) and the rest keep their fresh initialisation. Strict
 ``load_state_dict(strict=False)`` cannot do this: it still fails on a shape mismatch.
 """
 from __future__ import annotations
@@ -12,45 +15,49 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from sg_train.backbone import WeightsFileError, load_torch_file, state_dict_mismatches
+from sg_train.model import EmbeddingModel, config_differences, model_config_arguments
+from sg_train.weights_io import (
+    LOSS_PREFIX,
+    MODEL_PREFIX,
+    WeightsMismatchError,
+    check_exact_fit,
+    read_lightning_checkpoint,
+    split_state_dict,
+    stored_landmark_ids,
+    stored_model_config,
+)
 
-MODEL_PREFIX = "model."
-LOSS_PREFIX = "loss_fn."
-CHECKPOINT_CONTENT = "a Lightning checkpoint (.ckpt) written by train.py"
+#: configuration values a model may change when it starts from a checkpoint's weights: GeM's
+#: initial p (the loaded p replaces it) and the default extraction scales (evaluation picks its own)
+FREE_WHEN_LOADING = frozenset({"gem_p", "scales"})
 
 
-def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint onto the CPU and check that it holds a ``state_dict``.
+def check_configured_as_stored(model: EmbeddingModel, checkpoint: dict[str, Any], what: str) -> bool:
+    """Check that ``model`` is configured as the checkpoint's stored model configuration says.
 
-    Lightning checkpoints pickle their hyper-parameters, so ``weights_only=False`` is needed: load
-    only checkpoints you trust. Raises FileNotFoundError for a missing file and
-    :class:`~sg_train.backbone.WeightsFileError` (a ValueError) naming the path for a file that is
-    empty, truncated or not a Lightning checkpoint (its size, or the keys it holds).
+    Compares every value in effect except :data:`FREE_WHEN_LOADING`. Returns False (nothing
+    checked) for a checkpoint written before sg-train stored its configuration. Raises
+    :class:`~sg_train.weights_io.WeightsMismatchError` listing each differing value (the
+    checkpoint's and the configured one) and where to set it; ``what`` names the checkpoint.
+    :class:`~sg_train.model.ModelConfigError` for a stored configuration this version cannot read.
     """
-    path = Path(path)
-    checkpoint = load_torch_file(path, what="checkpoint", expected=CHECKPOINT_CONTENT, weights_only=False)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        keys = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise WeightsFileError(
-            f"{path} is not a Lightning checkpoint: no 'state_dict' key (found: {keys}); it should be "
-            f"{CHECKPOINT_CONTENT} (a plain weights file goes to pretrained_weights instead)"
+    stored = stored_model_config(checkpoint)
+    if stored is None:
+        return False
+    differences = config_differences(
+        model_config_arguments(stored, what=what), model_config_arguments(model.config), ignore=FREE_WHEN_LOADING
+    )
+    if differences:
+        raise WeightsMismatchError(
+            f"{what} holds a model configured differently from this run's (nothing was loaded): "
+            + "; ".join(differences)
+            + ". Configure the model as the checkpoint has it (model.backbone, model.head, model.embedding_dim, "
+            "model.relu_plus, the rest under model.model_options)"
         )
-    return checkpoint
-
-
-def split_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries under ``prefix``, with the prefix removed."""
-    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-
-
-def check_exact_fit(target: nn.Module, source: dict[str, torch.Tensor], what: str) -> None:
-    """Raise naming every missing, unexpected or wrongly shaped key of ``source`` for ``target``."""
-    problems = state_dict_mismatches(target.state_dict(), source)
-    if problems:
-        raise ValueError(f"{what} does not fit the configured model (nothing was loaded); " + "; ".join(problems))
+    return True
 
 
 def transfer_class_weights(
@@ -81,25 +88,32 @@ def transfer_class_weights(
     return f"class weights: {len(pairs)} of {len(target_ids)} classes copied by landmark id, others re-initialised"
 
 
-def landmark_ids_in(checkpoint: dict[str, Any]) -> list[int] | None:
-    """The original landmark id of each class, as the datamodule stored it in the checkpoint."""
-    for value in checkpoint.values():
-        if isinstance(value, dict) and "landmark_ids" in value:
-            return list(value["landmark_ids"])
-    return None
-
-
 def load_finetune_weights(
     module: nn.Module, path: str | Path, target_landmark_ids: list[int] | None = None
 ) -> dict[str, Any]:
-    """Initialise ``module.model`` and ``module.loss_fn`` from the sg-train checkpoint at ``path``."""
+    """Initialise ``module.model`` and ``module.loss_fn`` from the sg-train checkpoint at ``path``.
+
+    The configured ``module.model`` must be the checkpoint's model (:func:`check_configured_as_stored`;
+    a checkpoint without a stored configuration only warns that it cannot be checked) and its
+    weights must fit exactly. Raises FileNotFoundError,
+    :class:`~sg_train.weights_io.WeightsFileError` for an unreadable file and
+    :class:`~sg_train.weights_io.WeightsMismatchError` for one that does not fit, before any
+    tensor is copied.
+    """
     checkpoint = read_lightning_checkpoint(path)
+    what = f"checkpoint {path}"
+    if not check_configured_as_stored(module.model, checkpoint, what):
+        rank_zero_warn(
+            f"init_from {path}: the checkpoint stores no model configuration (written before sg-train stored "
+            "one), so only its weights can be checked; values that are not weights (GeM+ p, R-GeM p and "
+            "kernel, Scale-GeM mode and p, ReLU+ alpha, preprocessing) are this run's configured ones"
+        )
     state = checkpoint["state_dict"]
     model_state = split_state_dict(state, MODEL_PREFIX)
-    check_exact_fit(module.model, model_state, f"checkpoint {path}")
+    check_exact_fit(module.model, model_state, what)
     module.model.load_state_dict(model_state)
     account = transfer_class_weights(
-        module.loss_fn, split_state_dict(state, LOSS_PREFIX), landmark_ids_in(checkpoint), target_landmark_ids
+        module.loss_fn, split_state_dict(state, LOSS_PREFIX), stored_landmark_ids(checkpoint), target_landmark_ids
     )
     rank_zero_info(f"init_from {path}: embedding model loaded ({len(model_state)} tensors); {account}")
     return {"path": str(path), "model_tensors": len(model_state), "class_weights": account}

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from sg_train.errors import UserInputError
+
 __all__ = ["DECODER", "ImageReadError", "decode_image", "read_image"]
 
 #: The primary decoder (Pillow is only a fallback).
@@ -30,7 +32,7 @@ _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
 
 
-class ImageReadError(Exception):
+class ImageReadError(UserInputError):
     """An image file that cannot be read; ``path`` and ``reason`` say which and why."""
 
     def __init__(self, path: str | os.PathLike, reason: str):

@@ -10,22 +10,128 @@ Descriptor path (SuperGlobal's published evaluation, DESIGN.md section 3)::
 Inputs are image tensors already normalised the way the model expects, described by the
 ``input_format`` ("rgb"/"bgr": channel order), ``mean`` and ``std`` attributes (in that
 channel order, applied to pixels scaled to [0, 1]) and :attr:`EmbeddingModel.preprocessing`.
+
+A model describes itself: :attr:`EmbeddingModel.config` is every constructor value in effect,
+resolved (defaults, the head spec, the backbone's mean/std), as plain values with a format name
+and version; :meth:`EmbeddingModel.from_config` rebuilds exactly that model, whatever today's
+defaults are. Checkpoints store it (:mod:`sg_train.weights_io`). Renaming or adding a
+constructor argument changes the configuration: add it to ``CONFIG_KEYS`` and, for a rename or
+a changed meaning, raise ``MODEL_CONFIG_VERSION`` and teach :func:`model_config_arguments` the
+older version.
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import copy
+from collections.abc import Mapping
+from typing import Any, Literal, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import create_backbone, load_backbone_weights
+from .errors import OptionError
 from .options import check_option_types
-from .pooling.head import PoolingHead
+from .pooling.head import PoolingHead, parse_head_spec
 from .relu_plus import RELU_PLUS_ALPHA, apply_relu_plus
+from .weights_io import WeightsFileError
 
-__all__ = ["EmbeddingModel", "resize_for_scale"]
+__all__ = [
+    "CONFIG_KEYS",
+    "EmbeddingModel",
+    "MODEL_CONFIG_FORMAT",
+    "MODEL_CONFIG_VERSION",
+    "ModelConfigError",
+    "config_differences",
+    "model_config_arguments",
+    "resize_for_scale",
+]
 
 INPUT_FORMATS = ("rgb", "bgr")
+MODEL_CONFIG_FORMAT = "sg-train/embedding-model"
+MODEL_CONFIG_VERSION = 1
+#: the constructor arguments a configuration holds: all of them but ``pretrained_weights`` (the
+#: weights travel beside the configuration, not as a file name)
+CONFIG_KEYS = (
+    "backbone", "head", "embedding_dim", "relu_plus", "relu_plus_alpha", "gem_p", "gemp_p", "rgem_p",
+    "rgem_kernel", "scales", "sgem", "sgem_p", "input_format", "mean", "std",
+)
+
+
+class ModelConfigError(WeightsFileError):
+    """A stored model configuration this version cannot rebuild: another format, a newer version,
+    or keys missing or unknown."""
+
+
+def model_config_arguments(config: Mapping[str, Any], what: str = "model configuration") -> dict[str, Any]:
+    """The :class:`EmbeddingModel` constructor arguments of ``config`` (an :attr:`EmbeddingModel.config`).
+
+    Raises :class:`ModelConfigError` naming ``what`` for a value that is not a mapping, another
+    ``format``, a ``version`` newer than :data:`MODEL_CONFIG_VERSION` (written by a newer
+    sg-train) or not a positive integer, and for missing or unknown keys. The values themselves
+    are checked by the constructor.
+    """
+    if not isinstance(config, Mapping):
+        raise ModelConfigError(f"{what}: the model configuration is a {type(config).__name__}, not a mapping")
+    if config.get("format") != MODEL_CONFIG_FORMAT:
+        raise ModelConfigError(
+            f"{what}: not an sg-train model configuration (format {config.get('format')!r}, expected "
+            f"{MODEL_CONFIG_FORMAT!r})"
+        )
+    version = config.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ModelConfigError(f"{what}: model configuration version must be a positive integer, got {version!r}")
+    if version > MODEL_CONFIG_VERSION:
+        raise ModelConfigError(
+            f"{what}: the model configuration has version {version}, written by a newer sg-train; this one "
+            f"reads up to version {MODEL_CONFIG_VERSION}: upgrade sg-train to load it"
+        )
+    arguments = {key: value for key, value in config.items() if key not in ("format", "version")}
+    missing = [key for key in CONFIG_KEYS if key not in arguments]
+    unknown = sorted(set(arguments) - set(CONFIG_KEYS))
+    if missing or unknown:
+        problems = ([f"missing {missing}"] if missing else []) + ([f"unknown {unknown}"] if unknown else [])
+        raise ModelConfigError(
+            f"{what}: model configuration version {version} is damaged or edited: {'; '.join(problems)} "
+            f"(it holds exactly {list(CONFIG_KEYS)})"
+        )
+    return arguments
+
+
+def _unused_keys(arguments: Mapping[str, Any]) -> set[str]:
+    """Configuration keys whose values do not change a model with these ``arguments``: options of
+    head components it does not have, and the ReLU+ floor without ReLU+. A pooling added with
+    :func:`~sg_train.pooling.head.register_pooling` may read any head option: all count as used."""
+    spec = parse_head_spec(arguments["head"])
+    unused = set()
+    if spec.pooling in ("gemp", "avg", "max"):
+        unused.add("gem_p")
+    if spec.pooling in ("gem", "avg", "max"):
+        unused.add("gemp_p")
+    if not spec.regional and spec.pooling in ("gem", "gemp", "avg", "max"):
+        unused.update(("rgem_p", "rgem_kernel"))
+    if not spec.scale_gem:
+        unused.update(("sgem", "sgem_p"))
+    elif arguments["sgem"] != "finite":
+        unused.add("sgem_p")
+    if not arguments["relu_plus"]:
+        unused.add("relu_plus_alpha")
+    return unused
+
+
+def config_differences(
+    stored: Mapping[str, Any], configured: Mapping[str, Any], *, ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """``"key: <stored> stored, <configured> configured"`` for every value that differs between two
+    sets of constructor arguments (:func:`model_config_arguments`), in :data:`CONFIG_KEYS` order.
+
+    Skipped: keys in ``ignore`` and keys that change neither model (see ``_unused_keys``).
+    """
+    unused = _unused_keys(stored) & _unused_keys(configured)
+    return [
+        f"{key}: {stored[key]!r} stored, {configured[key]!r} configured"
+        for key in CONFIG_KEYS
+        if key not in ignore and key not in unused and stored[key] != configured[key]
+    ]
 
 
 def resize_for_scale(images: Tensor, scale: float) -> Tensor:
@@ -34,7 +140,7 @@ def resize_for_scale(images: Tensor, scale: float) -> Tensor:
     A side that would round to 0 is kept at 1 pixel.
     """
     if scale <= 0:
-        raise ValueError(f"scales must be > 0, got {scale}")
+        raise OptionError(f"scales must be > 0, got {scale}")
     if scale == 1.0:
         return images
     h, w = images.shape[-2:]
@@ -67,9 +173,13 @@ class EmbeddingModel(nn.Module):
         mean, std: per-channel normalisation, in ``input_format`` order, of pixels in [0, 1].
             Default: the timm model's ``pretrained_cfg`` mean/std (RGB; reversed for "bgr").
 
-    Raises ValueError for an argument of the wrong type (e.g. ``gem_p="3"`` from a YAML
-    ``model_options``), naming it and the value to write (:func:`check_option_types`), and for
-    values out of range.
+    Raises :class:`~sg_train.errors.OptionError` (a ValueError) for an argument of the wrong type
+    (e.g. ``gem_p="3"`` from a YAML ``model_options``), naming it and the value to write
+    (:func:`check_option_types`), and for values out of range.
+
+    Attributes: ``config`` (the configuration that rebuilds this model, see :meth:`from_config`),
+    ``scales``, ``input_format``, ``mean``, ``std``, ``embedding_dim``, ``feature_dim``,
+    ``backbone_name``, ``relu_plus``.
     """
 
     def __init__(
@@ -96,9 +206,9 @@ class EmbeddingModel(nn.Module):
         check_option_types("model", EmbeddingModel.__init__, options)
         super().__init__()
         if input_format not in INPUT_FORMATS:
-            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+            raise OptionError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
         if int(embedding_dim) < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+            raise OptionError(f"embedding_dim must be >= 1, got {embedding_dim}")
         self.scales = self._check_scales(scales)
         # Head first: a bad spec fails before the (slower) backbone is built.
         self.head = PoolingHead(
@@ -121,14 +231,55 @@ class EmbeddingModel(nn.Module):
         self.mean = self._check_stats("mean", mean, cfg.get("mean", (0.485, 0.456, 0.406)), in_chans)
         self.std = self._check_stats("std", std, cfg.get("std", (0.229, 0.224, 0.225)), in_chans)
         if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be > 0, got {self.std}")
+            raise OptionError(f"std must be > 0, got {self.std}")
+        self._config = {
+            "backbone": backbone,
+            "head": str(self.head.spec),
+            "embedding_dim": self.embedding_dim,
+            "relu_plus": self.relu_plus,
+            "relu_plus_alpha": float(relu_plus_alpha),
+            "gem_p": float(gem_p),
+            "gemp_p": float(gemp_p),
+            "rgem_p": float(rgem_p),
+            "rgem_kernel": int(rgem_kernel),
+            "scales": list(self.scales),
+            "sgem": sgem,
+            "sgem_p": float(sgem_p),
+            "input_format": self.input_format,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    # -- configuration ----------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything that rebuilds this model but its weights, as plain values (a new dict each time).
+
+        ``{"format": "sg-train/embedding-model", "version": 1, **arguments}`` where ``arguments``
+        holds every :data:`CONFIG_KEYS` constructor value in effect, resolved: ``head`` normalised
+        (e.g. "rgem+gemp+sgem"), ``scales``/``mean``/``std`` as lists of floats (``mean``/``std``
+        in ``input_format`` order, the backbone's defaults filled in), options of components the
+        head does not use included as given. ``pretrained_weights`` is not part of it.
+        """
+        return {"format": MODEL_CONFIG_FORMAT, "version": MODEL_CONFIG_VERSION, **copy.deepcopy(self._config)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> EmbeddingModel:
+        """The model ``config`` (an :attr:`config`) describes, with freshly initialised weights.
+
+        Today's constructor defaults play no part: every value comes from ``config``. Raises
+        :class:`ModelConfigError` for a configuration this version cannot read (another format, a
+        newer version, missing or unknown keys; see :func:`model_config_arguments`) and
+        :class:`~sg_train.errors.OptionError` for a value the constructor refuses.
+        """
+        return cls(**model_config_arguments(config))
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
     def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
         out = tuple(float(s) for s in scales)
         if not out or any(s <= 0 for s in out):
-            raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}")
+            raise OptionError(f"scales must be a non-empty list of positive numbers, got {scales!r}")
         return out
 
     def _check_stats(
@@ -139,7 +290,7 @@ class EmbeddingModel(nn.Module):
             return values[::-1] if self.input_format == "bgr" else values
         values = tuple(float(v) for v in given)
         if len(values) != channels:
-            raise ValueError(f"{what} needs {channels} values (one per input channel), got {values}")
+            raise OptionError(f"{what} needs {channels} values (one per input channel), got {values}")
         return values
 
     # -- descriptors ------------------------------------------------------------------------

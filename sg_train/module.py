@@ -6,13 +6,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from sg_train.finetune import load_finetune_weights
+from sg_train.finetune import check_configured_as_stored, load_finetune_weights
 from sg_train.losses import build_loss
 from sg_train.metrics import HeldOutClassification
 from sg_train.model import EmbeddingModel
 from sg_train.optim import apply_lr_multipliers, parameter_groups, resolve_warmup_steps, warmup_cosine_schedule
+from sg_train.weights_io import write_checkpoint_record
 
 
 class LandmarkRetrievalModule(pl.LightningModule):
@@ -27,12 +29,16 @@ class LandmarkRetrievalModule(pl.LightningModule):
             ``dynamic_arcface``, ``madacos``); ``loss_options`` its keyword arguments.
         class_counts: training images per class (linked from the datamodule; used by per-class
             dynamic margins, not stored in the hyper-parameters).
+        landmark_ids: the original landmark id of each class, in class order (the label map; linked
+            from the datamodule, not a hyper-parameter): stored in every checkpoint, and used by
+            ``init_from`` to carry class weights over by landmark.
         optimizer: optimizer factory, called with the parameter groups.
         backbone_lr_mult: the backbone's learning rate relative to the head's and the loss's.
         warmup: linear warm-up length, in optimizer steps (>= 1) or as a fraction of the run (< 1).
         min_lr_ratio: the cosine schedule's final learning rate relative to the peak.
-        init_from: an sg-train checkpoint to start from (fine-tuning): the whole embedding model must
-            fit; class weights are kept only where they fit the new class set (see
+        init_from: an sg-train checkpoint to start from (fine-tuning): the configured embedding model
+            must be the checkpoint's (its stored configuration) and its weights must fit; class
+            weights are kept only where they fit the new class set (see
             :func:`sg_train.finetune.load_finetune_weights`).
         channels_last: keep weights and images in NHWC memory layout (faster convolutions on
             recent GPUs with AMP, and on CPU with oneDNN).
@@ -50,6 +56,7 @@ class LandmarkRetrievalModule(pl.LightningModule):
         loss: str = "arcface",
         loss_options: dict[str, Any] | None = None,
         class_counts: list[int] | None = None,
+        landmark_ids: list[int] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         backbone_lr_mult: float = 1.0,
         warmup: float = 0.0,
@@ -58,7 +65,8 @@ class LandmarkRetrievalModule(pl.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["class_counts", "optimizer"])
+        self.save_hyperparameters(ignore=["class_counts", "landmark_ids", "optimizer"])
+        self.landmark_ids = None if landmark_ids is None else [int(i) for i in landmark_ids]
         self.model = EmbeddingModel(
             backbone=backbone,
             head=head,
@@ -84,13 +92,33 @@ class LandmarkRetrievalModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.init_from and self.finetune_report is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            landmark_ids = getattr(datamodule, "landmark_ids", None)
-            self.finetune_report = load_finetune_weights(self, self.hparams.init_from, landmark_ids)
+            self.finetune_report = load_finetune_weights(self, self.hparams.init_from, self.landmark_ids)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        write_checkpoint_record(
+            checkpoint, model_config=self.model.config, landmark_ids=self.landmark_ids, protocol=self._protocol_name()
+        )
+
+    def _protocol_name(self) -> str | None:
+        """The retrieval protocol the run is validated with: the ``protocol`` of the first callback
+        that has one (its ``name``, or itself when it is a string); None without a trainer or one."""
+        for callback in self.trainer.callbacks if self._trainer is not None else []:
+            protocol = getattr(callback, "protocol", None)
+            if protocol is not None:
+                return protocol if isinstance(protocol, str) else str(getattr(protocol, "name", protocol))
+        return None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Runs before the weights are restored: a checkpoint trained on another class set gets the
-        # datamodule's error naming the first differing landmark, not a bare tensor size mismatch.
+        # Runs before the weights are restored: a checkpoint of another model configuration, or trained
+        # on another class set (the datamodule's error names the first differing landmark), is refused
+        # with the reason instead of a bare tensor size mismatch or, worse, a silent change of model.
+        what = f"checkpoint {self.trainer.ckpt_path}" if self._trainer is not None else "the checkpoint"
+        if not check_configured_as_stored(self.model, checkpoint, what):
+            rank_zero_warn(
+                f"{what} stores no model configuration (written before sg-train stored one): the "
+                "model's values that are not weights (GeM+ p, R-GeM p and kernel, Scale-GeM, ReLU+ alpha, "
+                "preprocessing) are this run's configured ones and cannot be checked against it"
+            )
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if hasattr(datamodule, "check_checkpoint"):
             datamodule.check_checkpoint(checkpoint)

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .errors import OptionError
+
 
 def parameter_groups(
     named_groups: dict[str, tuple[Iterable[tuple[str, nn.Parameter]], float]],
@@ -58,29 +60,30 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_
 def resolve_warmup_steps(warmup: float, total_steps: int) -> int:
     """Warm-up length in optimizer steps: ``warmup`` < 1 is a fraction of the run, >= 1 a step count.
 
-    ``total_steps`` is the run's number of optimizer steps. Raises ValueError, naming
+    ``total_steps`` is the run's number of optimizer steps. Raises
+    :class:`~sg_train.errors.OptionError` (a ValueError), naming
     ``model.warmup`` and the fix, for a negative or non-finite ``warmup``, a step count that is
     not a whole number, or one longer than the run; and for a run of no steps at all.
     """
     if total_steps <= 0:
-        raise ValueError(
+        raise OptionError(
             f"the run has {total_steps} optimizer steps, so there is nothing to train: set trainer.max_epochs "
             "or trainer.max_steps above 0 and give the training set at least one full batch"
         )
     if not (math.isfinite(warmup) and warmup >= 0):
-        raise ValueError(
+        raise OptionError(
             f"model.warmup must be >= 0 (a fraction of the run below 1, or a step count), got {warmup}; "
             "e.g. write warmup: 0.05"
         )
     if warmup < 1:
         return int(round(warmup * total_steps))
     if warmup != int(warmup):
-        raise ValueError(
+        raise OptionError(
             f"model.warmup = {warmup} is neither a fraction of the run (< 1) nor a whole number of steps; "
             f"write warmup: {int(warmup)} (steps) or a fraction such as 0.05"
         )
     if warmup > total_steps:
-        raise ValueError(
+        raise OptionError(
             f"model.warmup = {int(warmup)} steps is longer than the run, which has {total_steps} optimizer steps; "
             f"write a fraction of the run below 1 (e.g. warmup: 0.05) or at most {total_steps} steps"
         )
@@ -94,7 +97,7 @@ def warmup_cosine_schedule(
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        raise OptionError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_lr_ratio)
     )

@@ -12,6 +12,8 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .errors import OptionError
+
 __all__ = ["check_option_types"]
 
 
@@ -91,7 +93,8 @@ def check_option_types(what: str, func: Callable[..., Any], options: Mapping[str
     ``what`` names the owner in messages (e.g. "loss 'arcface'"). Handles the types a YAML
     option can take: numbers (``float`` accepts ints, never ``bool``), integers, booleans,
     strings, ``Literal`` choices, ``None`` and lists of these; other annotations are not
-    checked, nor keys ``func`` does not take. Raises ValueError naming the owner, the key,
+    checked, nor keys ``func`` does not take. Raises :class:`~sg_train.errors.OptionError` (a
+    ValueError) naming the owner, the key,
     the value and its type, what is expected and a line to write instead, e.g.
     ``loss 'arcface' option 's' must be a number, got '30' (str); write s: 30.0``.
     """
@@ -101,7 +104,7 @@ def check_option_types(what: str, func: Callable[..., Any], options: Mapping[str
         if key not in hints or key not in params or _matches(value, hints[key]):
             continue
         hint = hints[key]
-        raise ValueError(
+        raise OptionError(
             f"{what} option {key!r} must be {_expected(hint)}, got {value!r} ({type(value).__name__}); "
             f"write {_suggestion(key, value, hint, params[key].default)}"
         )

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .descriptor_cache import dataset_fingerprint, model_fingerprint
+from .errors import UserInputError
 from .extraction import extract_descriptors
 from .files import array_digest, atomic_write, write_json
 
@@ -49,7 +50,7 @@ CHUNKS = "chunks"
 DATA_FILES = {"float16": "descriptors.f16", "float32": "descriptors.f32"}
 
 
-class R1MExtractionError(ValueError):
+class R1MExtractionError(UserInputError):
     """An ``out_dir`` that belongs to another extraction, is incomplete, or is damaged."""
 
 

@@ -18,9 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ReLUPlus", "apply_relu_plus", "RELU_PLUS_ALPHA"]
+from .errors import OptionError
+
+__all__ = ["ReLUPlus", "ReLUPlusBackboneError", "apply_relu_plus", "RELU_PLUS_ALPHA"]
 
 RELU_PLUS_ALPHA = 0.014
+
+
+class ReLUPlusBackboneError(OptionError, TypeError):
+    """``relu_plus`` asked of a backbone ReLU+ cannot patch (a TypeError too, as it always was)."""
 
 
 class ReLUPlus(nn.Module):
@@ -57,26 +63,27 @@ def _block_activations(block: nn.Module) -> tuple[list[str], str] | None:
 def apply_relu_plus(model: nn.Module, alpha: float = RELU_PLUS_ALPHA) -> list[str]:
     """Patch a timm ResNet in place with ReLU+ (placement above); return the patched names.
 
-    Raises TypeError naming the model when it is not a timm ResNet built from Bottleneck /
-    BasicBlock blocks whose patched activations are ReLUs (or ReLU+ already: re-applying
-    only changes alpha).
+    Raises :class:`ReLUPlusBackboneError` (a TypeError and an
+    :class:`~sg_train.errors.OptionError`) naming the model when it is not a timm ResNet built
+    from Bottleneck / BasicBlock blocks whose patched activations are ReLUs (or ReLU+ already:
+    re-applying only changes alpha); OptionError for a negative alpha.
     """
     from timm.models.resnet import ResNet
 
     name = _model_name(model)
     if not isinstance(model, ResNet):
-        raise TypeError(
+        raise ReLUPlusBackboneError(
             f"ReLU+ can only patch timm ResNets (resnet*, resnext*, seresnet*, ...); backbone {name} is not one"
         )
     if alpha < 0:
-        raise ValueError(f"ReLU+ alpha must be >= 0, got {alpha}")
+        raise OptionError(f"ReLU+ alpha must be >= 0, got {alpha}")
     patched: list[str] = []
     for stage in (1, 2, 3):
         layer = getattr(model, f"layer{stage}")
         for idx, block in enumerate(layer):
             acts = _block_activations(block)
             if acts is None:
-                raise TypeError(
+                raise ReLUPlusBackboneError(
                     f"ReLU+ cannot patch backbone {name}: layer{stage}.{idx} is a {type(block).__name__}, "
                     "not a timm Bottleneck/BasicBlock"
                 )
@@ -85,7 +92,7 @@ def apply_relu_plus(model: nn.Module, alpha: float = RELU_PLUS_ALPHA) -> list[st
             for attr in targets:
                 act = getattr(block, attr)
                 if not isinstance(act, (nn.ReLU, ReLUPlus)):
-                    raise TypeError(
+                    raise ReLUPlusBackboneError(
                         f"ReLU+ cannot patch backbone {name}: layer{stage}.{idx}.{attr} is "
                         f"{type(act).__name__}, not a ReLU"
                     )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sg_train.errors import UserInputError
 from sg_train.files import atomic_write
 
 __all__ = [
@@ -53,7 +54,7 @@ RESULTS_FILE = "results.json"
 _EARLIER_RUN_MARKERS = (RUN_FILE, RESULTS_FILE, "wandb", "skipped_images.tsv")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserInputError):
     """A run folder that cannot be used as asked (holds another run, not writable, ...)."""
 
 

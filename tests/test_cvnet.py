@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import nn
 
-from sg_train.backbone import WeightsMismatchError
+from sg_train.weights_io import WeightsMismatchError
 from sg_train.cvnet import (
     CVNET_MEAN_BGR,
     CVNET_STD_BGR,

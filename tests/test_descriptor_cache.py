@@ -160,7 +160,8 @@ def test_dataset_fingerprint_sees_files_split_and_preprocessing(tmp_path):
     assert dataset_fingerprint(mk("query")) != base
     assert dataset_fingerprint(mk(max_size=8)) != base
     assert dataset_fingerprint(mk(input_format="bgr")) != base
-    assert dataset_fingerprint(mk("query", bbx_rounding="floor")) != dataset_fingerprint(mk("query"))
+    assert dataset_fingerprint(mk("query", protocol="superglobal")) != dataset_fingerprint(mk("query"))
+    assert dataset_fingerprint(mk(protocol="superglobal")) != base  # same pixels, other scales and resize
 
     img = d / "jpg" / "db1.jpg"
     st = os.stat(img)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from sg_train.backbone import WeightsFileError, WeightsMismatchError, read_state_dict
 from sg_train.cvnet import load_cvnet_weights
-from sg_train.finetune import load_finetune_weights, read_lightning_checkpoint
+from sg_train.finetune import load_finetune_weights
 from sg_train.inference import model_from_checkpoint
 from sg_train.model import EmbeddingModel
 from sg_train.module import LandmarkRetrievalModule
 from sg_train.retrieval import GroundTruthError, load_gnd
+from sg_train.weights_io import WeightsFileError, WeightsMismatchError, read_lightning_checkpoint, read_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("evaluate_cli_files", ROOT / "evaluate.py")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sg_train.backbone import WeightsFileError
-from sg_train.finetune import check_exact_fit, load_finetune_weights, transfer_class_weights
+from sg_train.finetune import load_finetune_weights, transfer_class_weights
 from sg_train.module import LandmarkRetrievalModule
+from sg_train.weights_io import WeightsFileError, check_exact_fit
 
 
 def make(num_classes: int, **kwargs) -> LandmarkRetrievalModule:

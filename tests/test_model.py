@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sg_train.backbone import WeightsMismatchError, create_backbone, load_backbone_weights, read_state_dict
+from sg_train.backbone import create_backbone, load_backbone_weights
+from sg_train.weights_io import WeightsMismatchError, read_state_dict
 from sg_train.model import EmbeddingModel, resize_for_scale
 from sg_train.pooling import gem, regional_gem
 

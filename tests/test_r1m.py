@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from child_env import child_env
 from datamodules.r1m import MissingImagesWarning, R1MDataset
 from r1m_kill_probe import BATCH_SIZE, build_model, dataset
 from sg_train.r1m_extraction import R1MChunkWarning, R1MDescriptors, R1MExtractionError, extract_r1m
@@ -41,16 +41,16 @@ def weights(tmp_path_factory):
 
 @pytest.fixture
 def counted_model(weights):
-    """The probe's model, counting the images it embeds."""
+    """The probe's model, counting the images it embeds (once per image, whatever the scales)."""
     model = build_model(weights)
     model.images_seen = 0
-    extract = model.extract
+    aggregate = model.head.aggregate_scales
 
-    def counting(images, scales=None):
-        model.images_seen += images.shape[0]
-        return extract(images, scales)
+    def counting(descriptors):
+        model.images_seen += descriptors[0].shape[0]
+        return aggregate(descriptors)
 
-    model.extract = counting
+    model.head.aggregate_scales = counting
     return model
 
 
@@ -118,8 +118,7 @@ def test_extraction_layout_and_values(reference, r1m_root, weights):
 
 def test_resume_after_sigkill_recomputes_nothing_finished(r1m_root, weights, reference, counted_model, tmp_path):
     out = tmp_path / "r1m"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env = child_env()
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "r1m_kill_probe.py"), str(r1m_root), str(out),
                            weights, str(CHUNK)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

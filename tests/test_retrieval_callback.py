@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import yaml
 
+from child_env import child_env
 from callbacks.retrieval_eval import RetrievalEvalCallback
 from datamodules.gldv2 import GLDv2DataModule
 from sg_train.module import LandmarkRetrievalModule
@@ -83,8 +83,7 @@ def test_ddp_two_processes_give_the_single_process_numbers_exactly(synthetic_dat
     config["data"].update(data_root=str(synthetic_data / "gldv2"), image_size=64, batch_size=8, num_workers=0)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k not in {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"}}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), OMP_NUM_THREADS="1")
+    env = child_env()
     for devices, strategy in ((1, "auto"), (2, "ddp")):
         command = [sys.executable, str(ROOT / "train.py"), "validate", "--config", str(config_path),
                    f"--trainer.devices={devices}", f"--trainer.strategy={strategy}"]

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from sg_train.image_io import ImageReadError, read_image
-from datamodules.revisited import (ImageSizeMismatchError, QueryBoxError, RevisitedDataset, crop_box,
-                                   fit_longest_side, read_image_size)
+from datamodules.revisited import (ImageSizeMismatchError, QueryBoxError, RevisitedDataset, fit_longest_side,
+                                   read_image_size)
+from sg_train.eval_protocols import get_protocol
 from sg_train.retrieval import GroundTruthError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -84,14 +85,14 @@ def test_query_crop_follows_pil_crop_with_round(tmp_path):
         expected = np.asarray(pil.crop(box))
         assert np.array_equal(ds.load(i), expected), box
         assert ds.image_sizes()[i] == expected.shape[:2]
-    assert crop_box([2.5, 3.5, 30.5, 21.4999]) == (2, 4, 30, 21)  # half to even, like Python's round
+    assert get_protocol("revisitop").crop_box([2.5, 3.5, 30.5, 21.4999]) == (2, 4, 30, 21)  # half to even
 
 
-def test_query_crop_floor_follows_superglobal(tmp_path):
+def test_query_crop_int_follows_superglobal(tmp_path):
     img = _pixels(40, 50, 2)
     box = [2.7, 3.5, 30.9, 21.2]
     root = _make_set(tmp_path, {"q0": img, "db0": _pixels(8, 8, 1)}, [("q0", box)]).parent
-    ds = RevisitedDataset(root, "toy", "query", mean=MEAN, std=STD, bbx_rounding="floor")
+    ds = RevisitedDataset(root, "toy", "query", mean=MEAN, std=STD, protocol="superglobal")
     assert np.array_equal(ds.load(0), img[int(box[1]):int(box[3]), int(box[0]):int(box[2])])
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import OptionError
+
 from .base import FixedMarginLoss, MarginLoss, _check_scale_margin
 from .margins import arcface_target, dynamic_margins, replace_target, target_cosine
 
@@ -61,7 +63,7 @@ class DynamicArcFace(MarginLoss):
     ) -> None:
         _check_scale_margin(s)
         if a < 0 or b < 0:
-            raise ValueError(f"dynamic margins need a ≥ 0 and b ≥ 0, got a={a}, b={b}")
+            raise OptionError(f"dynamic margins need a ≥ 0 and b ≥ 0, got a={a}, b={b}")
         super().__init__(embedding_dim, num_classes, k)
         counts = torch.as_tensor(class_counts).flatten()
         if counts.numel() != num_classes:

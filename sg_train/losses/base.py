@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import OptionError
+
 from .cosine import class_cosine
 
 __all__ = ["FixedMarginLoss", "MarginLoss", "MarginOutput"]
@@ -37,7 +39,7 @@ class MarginLoss(nn.Module):
     def __init__(self, embedding_dim: int, num_classes: int, k: int = 1) -> None:
         super().__init__()
         if embedding_dim < 1 or num_classes < 1 or k < 1:
-            raise ValueError(
+            raise OptionError(
                 f"embedding_dim, num_classes and k must be ≥ 1 "
                 f"(got {embedding_dim}, {num_classes}, {k})"
             )
@@ -100,9 +102,9 @@ class MarginLoss(nn.Module):
 
 def _check_scale_margin(s: float, m: float | None = None) -> None:
     if not (math.isfinite(s) and s > 0):
-        raise ValueError(f"scale s must be a positive number, got {s}")
+        raise OptionError(f"scale s must be a positive number, got {s}")
     if m is not None and not (math.isfinite(m) and 0 <= m < math.pi):
-        raise ValueError(f"margin m must lie in [0, π), got {m}")
+        raise OptionError(f"margin m must lie in [0, π), got {m}")
 
 
 class FixedMarginLoss(MarginLoss):

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import OptionError
+
 from .base import FixedMarginLoss
 from .margins import arcface_target, curricular_hard_negatives, replace_target, sin_from_cos, target_cosine
 
@@ -40,7 +42,7 @@ class CurricularFace(FixedMarginLoss):
         k: int = 1,
     ) -> None:
         if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+            raise OptionError(f"momentum must lie in [0, 1], got {momentum}")
         super().__init__(embedding_dim, num_classes, s, m, k)
         self.momentum = float(momentum)
         self.register_buffer("t", torch.zeros(()))

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import OptionError
+
 from .base import MarginLoss
 from .distributed import distributed_world, gather_padded
 from .margins import madacos_log_b, madacos_margin, madacos_scale, median_index, replace_target, target_cosine
@@ -56,9 +58,9 @@ class MadaCos(MarginLoss):
         k: int = 1,
     ) -> None:
         if not 0.0 < rho < 1.0:
-            raise ValueError(f"MadaCos rho must lie in (0, 1), got {rho}")
+            raise OptionError(f"MadaCos rho must lie in (0, 1), got {rho}")
         if not (math.isfinite(min_scale) and min_scale > 0):
-            raise ValueError(f"min_scale must be a positive number, got {min_scale}")
+            raise OptionError(f"min_scale must be a positive number, got {min_scale}")
         super().__init__(embedding_dim, num_classes, k)
         self.rho = float(rho)
         self.min_scale = float(min_scale)

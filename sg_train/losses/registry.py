@@ -5,6 +5,7 @@ import inspect
 
 from torch import Tensor
 
+from ..errors import OptionError
 from ..options import check_option_types
 
 from .arcface import ArcFace, DynamicArcFace, SubCenterArcFace
@@ -52,25 +53,26 @@ def build_loss(
     length num_classes) is required by ``dynamic_arcface`` and ignored by the others, so a
     caller may always pass it.
 
-    Raises ValueError for an unknown name (listing the valid ones), an option the loss does
-    not take (naming it and listing the accepted ones), an option of the wrong type (e.g. the
-    string ``"30"`` for ``s``; see :func:`check_option_types`), or dynamic margins without counts.
+    Raises :class:`~sg_train.errors.OptionError` (a ValueError) for an unknown name (listing the
+    valid ones), an option the loss does not take (naming it and listing the accepted ones), an
+    option of the wrong type (e.g. the string ``"30"`` for ``s``; see :func:`check_option_types`),
+    or dynamic margins without counts.
     """
     key = str(name).strip().lower().replace("-", "_")
     if key not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(available_losses())}")
+        raise OptionError(f"unknown loss {name!r}; valid losses: {', '.join(available_losses())}")
     cls = LOSSES[key]
     accepted = _options(cls)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"loss {key!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
             f"it accepts: {', '.join(accepted) or '(none)'}"
         )
     check_option_types(f"loss {key!r}", cls.__init__, kwargs)
     if cls is DynamicArcFace:
         if class_counts is None:
-            raise ValueError(
+            raise OptionError(
                 "loss 'dynamic_arcface' needs class_counts (number of training images per "
                 "class, length num_classes) to compute its per-class margins"
             )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import OptionError
+
 __all__ = ["gem", "GeM", "GeMPlus", "GEM_EPS", "GEMP_EPS"]
 
 #: clamp of the learnable GeM (the value CVNet's GeneralizedMeanPoolingP uses)
@@ -42,7 +44,7 @@ class GeM(nn.Module):
     def __init__(self, p: float = 3.0, eps: float = GEM_EPS) -> None:
         super().__init__()
         if p <= 0:
-            raise ValueError(f"GeM p must be > 0, got {p}")
+            raise OptionError(f"GeM p must be > 0, got {p}")
         self.p = nn.Parameter(torch.full((1,), float(p)))
         self.eps = eps
 
@@ -59,7 +61,7 @@ class GeMPlus(nn.Module):
     def __init__(self, p: float = 4.6, eps: float = GEMP_EPS) -> None:
         super().__init__()
         if p <= 0:
-            raise ValueError(f"GeM+ p must be > 0, got {p}")
+            raise OptionError(f"GeM+ p must be > 0, got {p}")
         self.p = float(p)
         self.eps = eps
 

@@ -24,6 +24,8 @@ from typing import Callable, Literal, Mapping
 
 from torch import Tensor, nn
 
+from ..errors import OptionError
+
 from .gem import GeM, GeMPlus
 from .regional_gem import RegionalGeM
 from .scale_gem import scale_gem_finite, scale_gem_max, scale_mean
@@ -101,31 +103,32 @@ class HeadSpec:
 
 
 def parse_head_spec(spec: str | HeadSpec) -> HeadSpec:
-    """Parse ``"rgem+gemp+sgem"``-style specs; ValueError naming the valid names otherwise."""
+    """Parse ``"rgem+gemp+sgem"``-style specs; :class:`~sg_train.errors.OptionError` (a ValueError)
+    naming the valid names otherwise."""
     if isinstance(spec, HeadSpec):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"head spec must be a non-empty string such as 'rgem+gemp+sgem', got {spec!r}")
+        raise OptionError(f"head spec must be a non-empty string such as 'rgem+gemp+sgem', got {spec!r}")
     names = [n.strip().lower() for n in spec.split("+")]
     if "" in names:
-        raise ValueError(f"head spec {spec!r} has an empty name; join names with a single '+'")
+        raise OptionError(f"head spec {spec!r} has an empty name; join names with a single '+'")
     unknown = [n for n in names if n not in _POOLINGS and n not in (_REGIONAL, _SCALE)]
     if unknown:
-        raise ValueError(f"unknown head name(s) {unknown} in {spec!r}; valid names: {_valid_names()}")
+        raise OptionError(f"unknown head name(s) {unknown} in {spec!r}; valid names: {_valid_names()}")
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise ValueError(f"head spec {spec!r} repeats {duplicated}")
+        raise OptionError(f"head spec {spec!r} repeats {duplicated}")
     poolings = [n for n in names if n in _POOLINGS]
     if len(poolings) != 1:
-        raise ValueError(
+        raise OptionError(
             f"head spec {spec!r} needs exactly one global pooling out of {available_poolings()}, got {poolings}"
         )
     pooling = poolings[0]
     where = names.index(pooling)
     if _REGIONAL in names and names.index(_REGIONAL) > where:
-        raise ValueError(f"head spec {spec!r}: 'rgem' works on the map, so it goes before {pooling!r}")
+        raise OptionError(f"head spec {spec!r}: 'rgem' works on the map, so it goes before {pooling!r}")
     if _SCALE in names and names.index(_SCALE) < where:
-        raise ValueError(f"head spec {spec!r}: 'sgem' aggregates descriptors, so it goes after {pooling!r}")
+        raise OptionError(f"head spec {spec!r}: 'sgem' aggregates descriptors, so it goes after {pooling!r}")
     return HeadSpec(pooling=pooling, regional=_REGIONAL in names, scale_gem=_SCALE in names)
 
 
@@ -149,9 +152,9 @@ class PoolingHead(nn.Module):
         super().__init__()
         self.spec = parse_head_spec(spec)
         if sgem not in SCALE_GEM_MODES:
-            raise ValueError(f"sgem must be one of {SCALE_GEM_MODES}, got {sgem!r}")
+            raise OptionError(f"sgem must be one of {SCALE_GEM_MODES}, got {sgem!r}")
         if sgem_p <= 0:
-            raise ValueError(f"sgem_p must be > 0, got {sgem_p}")
+            raise OptionError(f"sgem_p must be > 0, got {sgem_p}")
         self.sgem_mode = sgem
         self.sgem_p = float(sgem_p)
         self.regional = RegionalGeM(p=rgem_p, kernel_size=rgem_kernel) if self.spec.regional else None

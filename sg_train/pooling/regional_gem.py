@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import OptionError
+
 from .gem import GEM_EPS
 
 __all__ = ["regional_gem", "RegionalGeM"]
@@ -28,9 +30,9 @@ __all__ = ["regional_gem", "RegionalGeM"]
 
 def _check_options(p: float, kernel_size: int) -> None:
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"Regional-GeM kernel_size must be odd and >= 1, got {kernel_size}")
+        raise OptionError(f"Regional-GeM kernel_size must be odd and >= 1, got {kernel_size}")
     if p <= 0:
-        raise ValueError(f"Regional-GeM p must be > 0, got {p}")
+        raise OptionError(f"Regional-GeM p must be > 0, got {p}")
 
 
 def regional_gem(x: Tensor, p: float = 2.5, kernel_size: int = 5, eps: float = GEM_EPS) -> Tensor:

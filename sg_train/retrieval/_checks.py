@@ -4,11 +4,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import UserInputError
+
 __all__ = ["RetrievalInputError", "ZeroRowTally", "check_descriptors", "check_k", "as_index_tensor", "compute_dtype",
            "dtype_name", "zero_rows_error"]
 
 
-class RetrievalInputError(ValueError):
+class RetrievalInputError(UserInputError):
     """Descriptors, rankings or parameters that the retrieval functions cannot work with."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserInputError
+
 __all__ = ["GroundTruthError", "UnsafePickleError", "load_gnd", "validate_gnd", "query_gnd",
            "index_array", "dataset_name", "PROTOCOLS", "CATEGORIES", "GndEntries"]
 
@@ -29,11 +31,11 @@ PROTOCOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 CATEGORIES = ("easy", "hard", "junk")
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(UserInputError):
     """A ground-truth file or structure that does not follow the Revisited format."""
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(UserInputError, pickle.UnpicklingError):
     """A pickle that asks for an object outside the allow-list (its payload is never run)."""
 
 

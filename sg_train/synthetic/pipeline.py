@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sg_train.errors import UserInputError
+
 from . import writers
 from .render import render_landmark, sample_landmark
 from .views import category_ok, render_clutter, render_view, sample_view
@@ -32,7 +34,7 @@ MAX_TRIES = 40
 DISTRACTOR_VIEWS = 5              # views per distractor landmark
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(UserInputError, RuntimeError):
     """The output directory holds something we must not overwrite."""
 
 
