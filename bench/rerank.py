@@ -1,5 +1,5 @@
 """SuperGlobal reranking: ``superglobal_rerank`` (batched over query chunks: one bmm Gram, topk,
-a weighted embedding_bag) against the per-query, per-item loop written from DESIGN.md §4
+a weighted embedding_bag) against the per-query, per-item loop written from docs/design.md §4
 (tests/test_retrieval_reference.py), on realistic sizes: 70 queries, M=400, K=9, beta=0.15,
 2048-d descriptors, an ROxford-sized database (4993 images) ranked by exact search.
 Both run in this process; their orders are compared and their Revisited mAPs printed.

@@ -1,5 +1,5 @@
 """Retrieval validation during training: Revisited Oxford/Paris mAP, with and without SuperGlobal
-reranking, every N epochs (DESIGN.md §4, §6).
+reranking, every N epochs (docs/design.md §4, §8).
 
 Under DDP each rank extracts whole batches of a shared batch plan and the descriptors are
 all-gathered, so the numbers equal a single-process run's to the last digit.

@@ -1,6 +1,6 @@
 """Google Landmarks v2 index: CSV reading, min-images filter, contiguous labels, stratified split.
 
-Formats (DESIGN.md §6):
+Formats (docs/design.md §5):
 
 * ``train.csv``: columns ``id,url,landmark_id`` (one row per image; ``url`` is not read);
 * ``train_clean.csv``: columns ``landmark_id,images`` (one row per landmark, space-separated ids);

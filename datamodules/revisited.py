@@ -1,6 +1,6 @@
 """Revisited Oxford/Paris evaluation images (and any data set in the same format).
 
-Layout (DESIGN.md section 6)::
+Layout (docs/design.md §5)::
 
     <root>/<name>/gnd_<name>.pkl      imlist, qimlist, gnd[{bbx, easy, hard, junk}]
     <root>/<name>/jpg/<image>.jpg     queries and database images

@@ -17,8 +17,8 @@ measured here means what the paper it is compared with means:
 Every image is decoded to 8-bit RGB (``sg_train.image_io``, OpenCV's decoder, EXIF orientation
 applied) and divided by 255 under every protocol; the model receives them in its own channel order.
 
-The two published evaluations (read in the repositories at the commits named; ``docs/design.md``,
-"Evaluation protocols", lists every detail with its line):
+The two published evaluations (read in the repositories at the commits named; docs/design.md §8
+lists every detail with its line):
 
 ``revisitop``
     The benchmark's reference code, filipradenovic/revisitop@be39832 ``python/example_process_images.py``:

@@ -1,6 +1,6 @@
 """EmbeddingModel: timm backbone -> pooling head -> L2 -> FC -> L2, plus multi-scale extraction.
 
-Descriptor path (SuperGlobal's published evaluation, DESIGN.md section 3)::
+Descriptor path (SuperGlobal's published evaluation, docs/design.md §2)::
 
     images -> backbone.forward_features -> [R-GeM] -> GeM | GeM+ | avg | max -> L2
            -> FC (Linear with bias) -> L2                                     = forward()

@@ -1,4 +1,4 @@
-"""Margin losses against their formulas on small hand-checkable tensors (DESIGN.md §5).
+"""Margin losses against their formulas on small hand-checkable tensors (docs/design.md §3).
 
 The fixtures use identity class weights and unit embeddings built from Pythagorean triples,
 so every cosine is an exact, readable number and the expected logits are written by hand

@@ -1,4 +1,4 @@
-"""Slow reference implementations written straight from the protocols (DESIGN.md §4, §6), the
+"""Slow reference implementations written straight from the protocols (docs/design.md §4), the
 oracles the fast library code is tested and benchmarked against, and checks of the references
 themselves on hand-computed examples. (Imported by the other retrieval tests and by bench/.)"""
 from __future__ import annotations
@@ -72,7 +72,7 @@ def ref_revisited_map(ranks, gnd, kappas=(1, 5, 10)):
 
 
 def ref_superglobal_rerank(Q, X, idx, M=400, K=9, beta=0.15):
-    """DESIGN.md §4, one query and one item at a time (stable sorts: ties keep earlier first)."""
+    """docs/design.md §4, one query and one item at a time (stable sorts: ties keep earlier first)."""
     Q, X, idx = torch.as_tensor(Q), torch.as_tensor(X), torch.as_tensor(idx)
     dt = torch.float64 if torch.float64 in (Q.dtype, X.dtype) else torch.float32
     out = idx.clone()

@@ -1,4 +1,4 @@
-"""superglobal_rerank against the per-query, per-item loop written from DESIGN.md §4."""
+"""superglobal_rerank against the per-query, per-item loop written from docs/design.md §4."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Margin-based classification losses (DESIGN.md §5), chosen by name through :func:`build_loss`."""
+"""Margin-based classification losses (docs/design.md §3), chosen by name through :func:`build_loss`."""
 from .arcface import ArcFace, DynamicArcFace, SubCenterArcFace
 from .base import MarginLoss, MarginOutput
 from .cosface import CosFace

@@ -1,6 +1,6 @@
 """Pure tensor functions behind the margin losses (no modules, no state).
 
-Notation (DESIGN.md §5): ``cos θ_j`` is the cosine between an L2-normalised embedding and the
+Notation (docs/design.md §3): ``cos θ_j`` is the cosine between an L2-normalised embedding and the
 L2-normalised weight of class ``j``; ``y`` is the sample's label; ``s`` the scale, ``m`` the
 margin. Every function here expects fp32 inputs; the modules call them with autocast off.
 """

@@ -1,7 +1,7 @@
 """Retrieval core: exact/FAISS search, SuperGlobal reranking, αQE/αDBA, Revisited Oxford/Paris
 mAP (full ranking or exact from a top-k), safe ground-truth loading, and one-call evaluation.
 
-Pure functions on torch tensors (any device) or numpy arrays / memory maps; see DESIGN.md §4, §6.
+Pure functions on torch tensors (any device) or numpy arrays / memory maps; see docs/design.md §4, §5.
 """
 from ._checks import RetrievalInputError
 from .evaluation import BACKENDS, evaluate_descriptors, format_results_table

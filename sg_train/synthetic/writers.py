@@ -1,4 +1,4 @@
-"""Writers for the on-disk formats the real data sets use (DESIGN.md §6).
+"""Writers for the on-disk formats the real data sets use (docs/design.md §5).
 
 - GLDv2: ``train.csv`` (``id,url,landmark_id``), ``train_clean.csv`` (``landmark_id,images``,
   ids space-separated), images at ``train/<id[0]>/<id[1]>/<id[2]>/<id>.jpg``.
