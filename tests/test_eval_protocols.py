@@ -15,16 +15,16 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-import timm
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
 import evaluate
+from test_evaluate_model import random_cvnet_checkpoint
 from callbacks.retrieval_eval import RetrievalEvalCallback
 from datamodules.gldv2 import GLDv2DataModule
 from datamodules.revisited import RevisitedDataset
-from sg_train.cvnet import CVNET_MEAN_BGR, CVNET_STD_BGR, expected_pycls_keys, pycls_to_timm_key
+from sg_train.cvnet import CVNET_MEAN_BGR, CVNET_STD_BGR
 from sg_train.descriptor_cache import descriptor_key
 from sg_train.eval_protocols import EVAL_PROTOCOLS, REVISITOP, SUPERGLOBAL, ProtocolError, get_protocol
 from sg_train.extraction import ProtocolModel, extract_all
@@ -199,26 +199,9 @@ def test_evaluate_checkpoint_crops_per_protocol_records_it_and_never_reuses_desc
     assert (result["eval_protocol"]["name"], result["eval_protocol"]["base"]) == ("custom", "revisitop")
 
 
-def _random_cvnet_weights(path: Path) -> None:
-    """A CVNet ResNet-50 checkpoint (pycls keys under ``encoder_q.``) with random weights."""
-    timm_state = timm.create_model("resnet50", pretrained=False, num_classes=0).state_dict()
-    state = {}
-    for key in expected_pycls_keys(50):
-        target = timm_state[pycls_to_timm_key(key)]
-        if key.endswith("running_var"):
-            state[f"encoder_q.{key}"] = torch.rand_like(target) + 0.5
-        elif target.is_floating_point():
-            state[f"encoder_q.{key}"] = torch.randn_like(target) * 0.05
-        else:
-            state[f"encoder_q.{key}"] = target.clone()
-    state.update({"encoder_q.head.fc.weight": torch.randn(2048, 2048) * 0.02, "encoder_q.head.fc.bias": torch.zeros(2048),
-                  "encoder_q.head.pool.p": torch.tensor([3.0])})
-    torch.save({"model_state": state}, path)
-
-
 def test_cvnet_weights_default_to_the_superglobal_protocol(bench, tmp_path, monkeypatch):
     weights = tmp_path / "cvnet_r50.pyth"
-    _random_cvnet_weights(weights)
+    random_cvnet_checkpoint(weights)
     args = ["--cvnet-weights", str(weights), "--depth", "50", "--data-root", str(bench), "--datasets", NAME,
             "--rgem", "--gemp", "--sgem", "--relu-plus"]
     assert evaluate.protocol_of(evaluate.build_parser().parse_args(args)) is SUPERGLOBAL
