@@ -90,11 +90,14 @@ class TrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """``fit``: decide the run folder (new or continued) and point the loggers at it."""
-        if self.subcommand not in (None, "fit"):  # None: built with run=False, to be fitted by the caller
-            return
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.trainer.default_root_dir or os.getcwd()
         loggers = _logger_entries(config.trainer.logger)
+        if self.subcommand not in (None, "fit"):  # None: built with run=False, to be fitted by the caller
+            for entry in loggers:  # validate: its logger files go to the run folder too, not the cwd
+                if getattr(entry.init_args, "save_dir", None) in (None, "", "."):
+                    entry.init_args.save_dir = str(run_dir)
+            return
         ckpt_path = config.get("ckpt_path")  # absent when built with run=False
         if rank_zero_only.rank != 0:  # DDP workers: rank 0 decided and checked everything
             resume = resolve_checkpoint(run_dir, ckpt_path)

@@ -5,9 +5,14 @@ only when it also writes a new top-k checkpoint, so after an epoch whose metric 
 ``last.ckpt`` is an older model: resuming from it repeats finished epochs, and evaluating it
 scores the wrong weights. This callback does not depend on that rule: it is a
 ``ModelCheckpoint`` without a monitor that rewrites ``<dirpath>/last.ckpt`` at the end of
-every training epoch (after validation and retrieval evaluation, so their state is inside) and
-when fitting ends. ``train.py`` adds one to every run and turns ``save_last`` off on the other
+every training epoch that ran to its end (after validation and retrieval evaluation, so their
+state is inside). ``train.py`` adds one to every run and turns ``save_last`` off on the other
 checkpoint callbacks, so "last" has one writer.
+
+An epoch cut short (``max_steps``, ``max_time``) is not saved as "last": Lightning runs the
+epoch-end hooks for it and records the epoch as done, so a resume from that state would skip the
+rest of the epoch. ``last.ckpt`` stays at the last complete epoch, and a resume redoes the cut
+epoch from its start, drawing the same batches (:class:`~datamodules.sampler.SeededSampler`).
 """
 from __future__ import annotations
 
@@ -43,7 +48,6 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A run stopped by max_steps/max_time mid-epoch: its final state is still "last".
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # not an epoch cut short
+            super().on_train_epoch_end(trainer, pl_module)

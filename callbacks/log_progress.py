@@ -146,16 +146,19 @@ class LogProgress(ProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._epoch_batches += 1
-        if not self.is_enabled:
-            return
         step = batch_idx + 1
         total = self._epoch_total
         now = self._clock()
-        due = step % self.every_n_steps == 0 or now - self._last_line >= self.every_seconds
-        if not due or step == total:  # the last batch is covered by the epoch's "done" line
+        # Every rank takes the same decision and reads the metrics (reading them may synchronise
+        # torchmetrics states across ranks: rank 0 alone would wait forever); only rank 0 prints.
+        # The clock differs between processes, so under DDP only the step trigger counts.
+        timed = trainer.world_size == 1 and now - self._last_line >= self.every_seconds
+        if not (step % self.every_n_steps == 0 or timed) or step == total:  # the last batch: the "done" line
+            return
+        metrics = _train_metrics(self.get_metrics(trainer, pl_module), epoch_end=False)
+        if not self.is_enabled:
             return
         fields = [self._epoch_label(trainer), f"step {step}{_of(total)} (global {trainer.global_step})"]
-        metrics = _train_metrics(self.get_metrics(trainer, pl_module), epoch_end=False)
         if "lr" not in metrics and trainer.optimizers:
             metrics["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         fields += [f"{name} {format_value(value)}" for name, value in metrics.items()]
@@ -168,13 +171,13 @@ class LogProgress(ProgressBar):
         self._write(fields, now)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = _train_metrics(self.get_metrics(trainer, pl_module), epoch_end=True)  # every rank (see above)
         if not self.is_enabled:
             return
         now = self._clock()
         took = f"{self._epoch_batches} steps in {format_duration(now - self._epoch_start)}"
         if self._epoch_validated:
             took += f" (val {format_duration(self._epoch_val_seconds)})"
-        metrics = _train_metrics(self.get_metrics(trainer, pl_module), epoch_end=True)
         self._write([self._epoch_label(trainer), "done", took, *(f"{name} {format_value(value)}" for name, value in metrics.items())], now)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -188,11 +191,12 @@ class LogProgress(ProgressBar):
         took = now - self._val_start
         self._epoch_val_seconds += took
         self._epoch_validated = True
+        logged = self.get_metrics(trainer, pl_module)  # every rank (see on_train_batch_end)
         if not self.is_enabled:
             return
         metrics = {
             key.split("/", 1)[1] if key.startswith("val/") else key: value
-            for key, value in self.get_metrics(trainer, pl_module).items()
+            for key, value in logged.items()
             if key.startswith(_VAL_PREFIXES)
         }
         fields = [self._epoch_label(trainer), "val"] if trainer.state.fn == "fit" else ["val"]

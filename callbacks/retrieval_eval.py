@@ -172,8 +172,10 @@ class RetrievalEvalCallback(Callback):
 
     def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = self._evaluate_guarded(trainer, pl_module)
+        # Every rank computed the same numbers from the gathered descriptors: "max" over the ranks
+        # returns them exactly (and keeps Lightning from warning about an unsynced epoch metric).
         for key, value in self._metrics(results, prefix="retrieval").items():
-            pl_module.log(key, value, rank_zero_only=False, sync_dist=False)
+            pl_module.log(key, value, sync_dist=True, reduce_fx="max")
         self._evaluated_epoch = trainer.current_epoch
         self._record("trained", results, trainer)
 

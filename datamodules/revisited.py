@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from sg_train.errors import OptionError, UserInputError
-from sg_train.image_io import ImageReadError, read_image
 from sg_train.eval_protocols import EvalProtocol, resolve_protocol
+from sg_train.image_io import ImageReadError, read_image
+from sg_train.progress import progress_bar
 from sg_train.retrieval import load_gnd
 
 from .transforms import build_eval_transform, resolve_normalization
@@ -133,7 +133,7 @@ def read_image_sizes(
             errors[i] = e.reason
 
     workers = threads or min(8, 4 * (os.cpu_count() or 1))
-    with tqdm(total=len(paths), desc="image headers", unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(paths), desc="image headers", unit="img", enabled=progress, leave=False) as bar:
         if len(paths) < 64 or workers <= 1:
             for i in range(len(paths)):
                 one(i)

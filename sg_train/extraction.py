@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from sg_train.eval_protocols import EvalProtocol, ProtocolError, get_protocol
 from sg_train.image_io import ImageReadError
+from sg_train.progress import progress_bar
 
 __all__ = ["ProtocolModel", "bind_protocol", "extract_all", "extract_descriptors", "gather_descriptors",
            "plan_batches"]
@@ -243,8 +243,8 @@ def extract_descriptors(
     modes = {m: m.training for m in model.modules()}
     indices: list[Tensor] = []
     descriptors: list[Tensor] = []
-    bar = tqdm(total=sum(len(b) for b in plan), desc=desc or f"extract {getattr(dataset, 'name', '')}".rstrip(),
-               unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=sum(len(b) for b in plan), desc=desc or f"extract {getattr(dataset, 'name', '')}".rstrip(),
+                       unit="img", enabled=progress, leave=False)
     try:
         model.eval()
         with torch.inference_mode():

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .descriptor_cache import dataset_fingerprint, model_fingerprint
 from .errors import UserInputError
 from .extraction import extract_descriptors
 from .files import array_digest, atomic_write, write_json
+from .progress import progress_bar
 
 __all__ = ["R1MDescriptors", "R1MExtractionError", "R1MChunkWarning", "extract_r1m"]
 
@@ -278,7 +278,7 @@ def extract_r1m(
                 record = None
             if record is None:
                 todo.append(c)
-        bar = tqdm(total=len(todo), desc="R1M chunks", unit="chunk", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=len(todo), desc="R1M chunks", unit="chunk", enabled=progress)
         try:
             for c in todo:
                 r0, r1 = c * chunk_size, min(meta["rows"], (c + 1) * chunk_size)

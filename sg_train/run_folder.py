@@ -51,7 +51,9 @@ RUN_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 RESULTS_FILE = "results.json"
-_EARLIER_RUN_MARKERS = (RUN_FILE, RESULTS_FILE, "wandb", "skipped_images.tsv")
+# run.json is written once every pre-flight check has passed; a logger folder alone (W&B creates its
+# folder before the setup checks run) does not make a folder taken.
+_EARLIER_RUN_MARKERS = (RUN_FILE, RESULTS_FILE, "skipped_images.tsv")
 
 
 class RunFolderError(UserInputError):
@@ -160,8 +162,13 @@ def plan_run(
         earlier = earlier_run_files(run_dir)
         if earlier:
             last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-            go_on = (f"continue it with --ckpt_path {last}" if last.is_file() else
-                     "it has no checkpoints/last.ckpt to continue from (it stopped before its first epoch ended)")
+            saved = sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if last.is_file():
+                go_on = f"continue it with --ckpt_path {last}"
+            elif saved:
+                go_on = f"it has no last.ckpt; continue it from its newest checkpoint with --ckpt_path {saved[-1]}"
+            else:
+                go_on = "it saved no checkpoint to continue from: delete the folder to start it again"
             raise RunFolderError(
                 f"the run folder {run_dir} already holds a run ({', '.join(earlier[:6])}); {go_on}; or start a new "
                 "run in another folder with --trainer.default_root_dir <new folder>"

@@ -221,3 +221,19 @@ def test_batch_log_progress_bar_follows_whether_stdout_is_a_terminal(monkeypatch
     assert type(batch_log_progress_bar()) is LogProgress
     monkeypatch.setattr(sys, "stdout", _Terminal())
     assert batch_log_progress_bar() is None
+
+
+def test_every_rank_reads_the_metrics_at_the_same_points(capsys):
+    """Reading the metrics may synchronise them across DDP ranks: a rank that skipped the read while
+    rank 0 waited in it hung a 2-process run whose stdout was a file."""
+    reads = {}
+    for name, strategy in (("rank0", "auto"), ("rank1", _RankOne())):
+        clock = FakeClock()
+        bar = LogProgress(every_n_steps=3, clock=clock)
+        calls = []
+        original = bar.get_metrics
+        bar.get_metrics = lambda trainer, module, _orig=original, _calls=calls: _calls.append(trainer.global_step) or _orig(trainer, module)
+        make_trainer(bar, max_epochs=2, strategy=strategy).fit(TinyModule(clock, train_seconds=100.0, val_seconds=1.0), *loaders())
+        reads[name] = calls
+    assert reads["rank0"] and reads["rank0"] == reads["rank1"]
+    assert capsys.readouterr().out.count("\n") > 0

@@ -16,7 +16,7 @@ import train
 import wandb_records
 from callbacks.retrieval_eval import RetrievalEvaluationError
 from run_probes import LogMetricPerEpoch
-from sg_train.run_folder import RunFolderError
+from sg_train.run_folder import RunFolderError, earlier_run_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,6 +150,7 @@ def test_wrong_training_paths_stop_before_the_first_step(tmp_path, synthetic_dat
     with pytest.raises(FileNotFoundError, match=r"sampled training images do not exist.*<id\[0\]>/<id\[1\]>/<id\[2\]>"):
         train.main(["fit", "--config", str(config), *args])
     assert not list((tmp_path / "run").rglob("*.ckpt")) and not (tmp_path / "run" / "run.json").exists()
+    assert earlier_run_files(tmp_path / "run") == []  # fixed, the same command may use the folder
 
 
 def test_fewer_images_than_one_batch_names_count_and_batch_size(tmp_path, synthetic_data):
@@ -239,3 +240,14 @@ def test_sigkill_then_resume_loses_nothing_and_reproduces_the_uninterrupted_run(
     assert len(runs) == 2 and len({p.stem for p in runs}) == 1  # the resumed part continues the same W&B run
     assert json.loads((crashed / "run.json").read_text())["wandb_id"] == runs[0].stem.removeprefix("run-")
     assert "retrieval rsynth (trained, epoch 2" in resumed.stderr + resumed.stdout
+
+
+def test_an_epoch_cut_short_is_redone_on_resume_not_skipped(tmp_path, synthetic_data):
+    """max_steps (or max_time) stops mid-epoch 1 of 7 batches: last.ckpt stays at the end of epoch 0
+    (Lightning marks the cut epoch as done), so the resume trains all of epoch 1."""
+    config = demo_config(tmp_path, synthetic_data)
+    train.main(["fit", "--config", str(config), "--trainer.max_steps=10"])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert (load(last)["epoch"], load(last)["global_step"]) == (0, 7)
+    cli = train.main(["fit", "--config", str(config), "--ckpt_path=last"])
+    assert cli.trainer.global_step == 14 and (load(last)["epoch"], load(last)["global_step"]) == (1, 14)

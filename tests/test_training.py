@@ -58,13 +58,13 @@ def test_fit_two_steps_logs_loss_accuracy_lr_and_scale_to_wandb(tmp_path, synthe
 
 def test_resume_from_checkpoint_restores_weights_optimizer_schedule_and_loss_buffers(tmp_path, synthetic_data):
     config = write_config(tmp_path, synthetic_data, loss="curricularface", loss_options={"s": 30.0, "m": 0.15})
-    train.main(["fit", "--config", str(config), "--trainer.max_steps=3", "--trainer.max_epochs=3"])
+    train.main(["fit", "--config", str(config), "--trainer.limit_train_batches=3", "--trainer.max_epochs=1"])
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 3
     assert float(saved["state_dict"]["loss_fn.t"]) != 0.0  # CurricularFace's running t moved
 
-    cli = train.main(["fit", "--config", str(config), "--trainer.max_steps=5", "--trainer.max_epochs=3",
+    cli = train.main(["fit", "--config", str(config), "--trainer.limit_train_batches=3", "--trainer.max_epochs=2",
                       "--trainer.callbacks+=run_probes.RecordStartState", f"--ckpt_path={last}"])
     probe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RecordStartState))
     assert probe.global_step == 3
@@ -75,7 +75,7 @@ def test_resume_from_checkpoint_restores_weights_optimizer_schedule_and_loss_buf
     for param_id, state in saved_opt["state"].items():
         assert torch.equal(probe.optimizer_state["state"][param_id]["exp_avg"], state["exp_avg"])
     assert probe.lr == [g["lr"] for g in saved_opt["param_groups"]]
-    assert cli.trainer.global_step == 5
+    assert cli.trainer.global_step == 6
 
 
 def test_gradients_reach_backbone_fc_class_weights_and_gem_p():

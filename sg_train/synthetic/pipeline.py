@@ -255,10 +255,9 @@ def generate(out_dir, *, seed: int = 0, train_landmarks: int = 300, views_per_la
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     workers = max(1, int(workers))
-    from tqdm import tqdm
+    from sg_train.progress import progress_bar
 
-    bar = tqdm(total=n_images, unit="img", desc="synthetic landmarks", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=n_images, unit="img", desc="synthetic landmarks", enabled=progress)
     args = [(job, int(seed), image_size) for job in jobs]
     try:
         if workers == 1:
