@@ -13,8 +13,18 @@ from sg_train.finetune import check_configured_as_stored, load_finetune_weights
 from sg_train.losses import build_loss
 from sg_train.metrics import HeldOutClassification
 from sg_train.model import EmbeddingModel
-from sg_train.optim import apply_lr_multipliers, parameter_groups, resolve_warmup_steps, warmup_cosine_schedule
+from sg_train.optim import (
+    apply_lr_multipliers,
+    parameter_groups,
+    resolve_warmup_steps,
+    warmup_cosine_factor,
+    warmup_cosine_schedule,
+)
 from sg_train.weights_io import write_checkpoint_record
+
+
+#: Checkpoint key of the learning-rate schedule's length, to tell a resume that changes it.
+SCHEDULE_KEY = "sg_train_schedule"
 
 
 class LandmarkRetrievalModule(pl.LightningModule):
@@ -67,6 +77,8 @@ class LandmarkRetrievalModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["class_counts", "landmark_ids", "optimizer"])
         self.landmark_ids = None if landmark_ids is None else [int(i) for i in landmark_ids]
+        self._schedule_total_steps: int | None = None  # optimizer steps of the schedule built for this run
+        self._resumed_schedule: tuple[int | None, int] = (None, 0)  # (the checkpoint's schedule length, its step)
         self.model = EmbeddingModel(
             backbone=backbone,
             head=head,
@@ -98,6 +110,7 @@ class LandmarkRetrievalModule(pl.LightningModule):
         write_checkpoint_record(
             checkpoint, model_config=self.model.config, landmark_ids=self.landmark_ids, protocol=self._protocol_name()
         )
+        checkpoint[SCHEDULE_KEY] = {"total_steps": self._schedule_total_steps}
 
     def _protocol_name(self) -> str | None:
         """The retrieval protocol the run is validated with: the ``protocol`` of the first callback
@@ -122,6 +135,7 @@ class LandmarkRetrievalModule(pl.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if hasattr(datamodule, "check_checkpoint"):
             datamodule.check_checkpoint(checkpoint)
+        self._resumed_schedule = (checkpoint.get(SCHEDULE_KEY, {}).get("total_steps"), int(checkpoint.get("global_step", 0)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, labels = batch["image"], batch["label"]
@@ -175,7 +189,18 @@ class LandmarkRetrievalModule(pl.LightningModule):
         self.held_out.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return self.build_optimizer(total_steps=int(self.trainer.estimated_stepping_batches))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        before, step = self._resumed_schedule
+        if before is not None and before != total_steps:
+            warmup = self.hparams.warmup
+            lr_before = warmup_cosine_factor(step, resolve_warmup_steps(warmup, before), before, self.hparams.min_lr_ratio)
+            lr_now = warmup_cosine_factor(step, resolve_warmup_steps(warmup, total_steps), total_steps, self.hparams.min_lr_ratio)
+            rank_zero_warn(
+                f"resuming at step {step} with a learning-rate schedule of {total_steps} optimizer steps; the checkpoint's "
+                f"run was scheduled for {before} (trainer.max_epochs/max_steps changed): the warm-up + cosine is redrawn "
+                f"for the new length, so the learning rate goes from {lr_before:.3g} to {lr_now:.3g} of its peak"
+            )
+        return self.build_optimizer(total_steps=total_steps)
 
     def build_optimizer(self, total_steps: int) -> dict[str, Any]:
         """Optimizer over the parameter groups and its per-step warm-up + cosine schedule."""
@@ -189,6 +214,7 @@ class LandmarkRetrievalModule(pl.LightningModule):
         )
         optimizer = self.optimizer_factory(groups)
         apply_lr_multipliers(optimizer)
+        self._schedule_total_steps = total_steps
         warmup_steps = resolve_warmup_steps(self.hparams.warmup, total_steps)
         scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

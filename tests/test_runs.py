@@ -251,3 +251,12 @@ def test_an_epoch_cut_short_is_redone_on_resume_not_skipped(tmp_path, synthetic_
     assert (load(last)["epoch"], load(last)["global_step"]) == (0, 7)
     cli = train.main(["fit", "--config", str(config), "--ckpt_path=last"])
     assert cli.trainer.global_step == 14 and (load(last)["epoch"], load(last)["global_step"]) == (1, 14)
+
+
+def test_resuming_with_a_longer_run_says_the_schedule_is_redrawn(tmp_path, synthetic_data):
+    config = demo_config(tmp_path, synthetic_data)
+    train.main(["fit", "--config", str(config), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.warns(UserWarning, match=r"resuming at step 2 with a learning-rate schedule of 4 .* scheduled for 2"):
+        train.main(["fit", "--config", str(config), "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
+                    f"--ckpt_path={last}"])
