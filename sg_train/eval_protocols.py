@@ -54,11 +54,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from .cvnet import CVNET_MEAN_BGR, CVNET_STD_BGR
 from .errors import OptionError
+from .model import resize_for_scale
 
 __all__ = [
     "BBX_ROUNDINGS",
@@ -149,19 +149,12 @@ class EvalProtocol:
             return tuple(round(float(v)) for v in bbx)  # type: ignore[return-value]
         return tuple(int(float(v)) for v in bbx)  # type: ignore[return-value]
 
-    @staticmethod
-    def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-        """``(int(height·scale), int(width·scale))``, each at least 1 (both published codes use int())."""
-        return max(1, int(height * scale)), max(1, int(width * scale))
-
     def resize(self, images: Tensor, scale: float) -> Tensor:
-        """An NCHW float batch resized to :meth:`scaled_size` of scale ``scale`` (s = 1: unchanged)."""
+        """An NCHW float batch resized to :func:`sg_train.model.scaled_size` of scale ``scale`` (both
+        published codes use ``int()``), with this protocol's interpolation and antialias; s = 1: unchanged."""
         if scale <= 0:
             raise ProtocolError(f"scales must be > 0, got {scale}")
-        if scale == 1.0:
-            return images
-        size = self.scaled_size(int(images.shape[-2]), int(images.shape[-1]), scale)
-        return F.interpolate(images, size=size, mode=self.interpolation, align_corners=False, antialias=self.antialias)
+        return resize_for_scale(images, scale, mode=self.interpolation, antialias=self.antialias)
 
     # -- colours ----------------------------------------------------------------------------
     def check_colours(self, input_format: str, mean: Sequence[float], std: Sequence[float], *, what: str) -> None:

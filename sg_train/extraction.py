@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,13 +39,10 @@ __all__ = ["ProtocolModel", "bind_protocol", "extract_all", "extract_descriptors
 class ProtocolModel(nn.Module):
     """A model that extracts multi-scale descriptors the way an evaluation protocol says.
 
-    ``extract(images, scales=None)``: for each scale (None: the protocol's), the normalised NCHW
-    batch is resized by :meth:`EvalProtocol.resize <sg_train.eval_protocols.EvalProtocol.resize>`
-    and embedded (``model.embed``: FC outputs ``(B, D)``); the head aggregates the scales
-    (``model.head.aggregate_scales``: Scale-GeM max / finite, or mean) and the result is
-    L2-normalised, ``(B, D)`` float. This is ``EmbeddingModel.extract`` with the protocol's resize
-    in place of the model's own (bilinear with antialias), which SuperGlobal's published code does
-    not use.
+    ``extract(images, scales=None)``: ``EmbeddingModel.extract`` at the protocol's scales (None) or
+    the ones given, each resized by :meth:`EvalProtocol.resize
+    <sg_train.eval_protocols.EvalProtocol.resize>` instead of the model's default (bilinear with
+    antialias, which SuperGlobal's published code does not use); ``(B, D)`` float, L2-normalised.
 
     Parameters, buffers, ``embedding_dim``, ``preprocessing``, ``input_format``, ``mean`` and
     ``std`` are the wrapped model's; ``scales`` are the protocol's; ``repr`` names the protocol
@@ -88,9 +84,7 @@ class ProtocolModel(nn.Module):
         return self.protocol.scales
 
     def extract(self, images: Tensor, scales: Sequence[float] | None = None) -> Tensor:
-        scales = self.protocol.scales if scales is None else [float(s) for s in scales]
-        per_scale = [self.model.embed(self.protocol.resize(images, s)) for s in scales]
-        return F.normalize(self.model.head.aggregate_scales(per_scale), p=2, dim=-1)
+        return self.model.extract(images, self.protocol.scales if scales is None else scales, resize=self.protocol.resize)
 
     def extra_repr(self) -> str:
         return "protocol=" + json.dumps(self.protocol.describe(), sort_keys=True)

@@ -22,7 +22,7 @@ older version.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Sequence
 
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ __all__ = [
     "config_differences",
     "model_config_arguments",
     "resize_for_scale",
+    "scaled_size",
 ]
 
 INPUT_FORMATS = ("rgb", "bgr")
@@ -134,18 +135,25 @@ def config_differences(
     ]
 
 
-def resize_for_scale(images: Tensor, scale: float) -> Tensor:
-    """Resize an NCHW batch to ``(int(h*s), int(w*s))``, bilinear with antialias; s = 1: unchanged.
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """``(int(height·scale), int(width·scale))``, each at least 1 pixel (SuperGlobal's sizes: with its
+    literal 1.4142 a 338-px side becomes 477, with exact √2 478)."""
+    return max(1, int(height * scale)), max(1, int(width * scale))
 
-    A side that would round to 0 is kept at 1 pixel.
+
+def resize_for_scale(images: Tensor, scale: float, *, mode: str = "bilinear", antialias: bool = True) -> Tensor:
+    """Resize an NCHW batch to ``(int(h*s), int(w*s))`` (``F.interpolate`` ``mode``,
+    ``align_corners=False``, ``antialias``); s = 1: unchanged.
+
+    A side that would round to 0 is kept at 1 pixel. The evaluation protocols choose ``mode`` and
+    ``antialias`` (:meth:`sg_train.eval_protocols.EvalProtocol.resize`).
     """
     if scale <= 0:
         raise OptionError(f"scales must be > 0, got {scale}")
     if scale == 1.0:
         return images
-    h, w = images.shape[-2:]
-    size = (max(1, int(h * scale)), max(1, int(w * scale)))
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    size = scaled_size(int(images.shape[-2]), int(images.shape[-1]), scale)
+    return F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=antialias)
 
 
 class EmbeddingModel(nn.Module):
@@ -312,16 +320,19 @@ class EmbeddingModel(nn.Module):
         """L2-normalised descriptors ``(B, embedding_dim)`` at the input's own scale."""
         return F.normalize(self.embed(images), p=2, dim=-1)
 
-    def extract(self, images: Tensor, scales: Sequence[float] | None = None) -> Tensor:
+    def extract(
+        self, images: Tensor, scales: Sequence[float] | None = None, *, resize: Callable[[Tensor, float], Tensor] = resize_for_scale
+    ) -> Tensor:
         """Multi-scale descriptors ``(B, embedding_dim)``, L2-normalised.
 
-        For each scale the batch is resized (:func:`resize_for_scale`) and embedded; the FC
+        For each scale the batch is resized (``resize(images, scale)``: :func:`resize_for_scale`, or
+        an evaluation protocol's :meth:`~sg_train.eval_protocols.EvalProtocol.resize`) and embedded; the FC
         outputs are aggregated by the head (Scale-GeM max / finite, or mean without "sgem")
         and normalised. Runs in the module's current mode and grad state: call ``eval()``
         and wrap in ``torch.no_grad()`` for inference.
         """
         scales = self.scales if scales is None else self._check_scales(scales)
-        per_scale = [self.embed(resize_for_scale(images, s)) for s in scales]
+        per_scale = [self.embed(resize(images, s)) for s in scales]
         return F.normalize(self.head.aggregate_scales(per_scale), p=2, dim=-1)
 
     # -- optimiser support ------------------------------------------------------------------

@@ -28,7 +28,7 @@ from sg_train.cvnet import CVNET_MEAN_BGR, CVNET_STD_BGR
 from sg_train.descriptor_cache import descriptor_key
 from sg_train.eval_protocols import EVAL_PROTOCOLS, REVISITOP, SUPERGLOBAL, ProtocolError, get_protocol
 from sg_train.extraction import ProtocolModel, extract_all
-from sg_train.model import EmbeddingModel
+from sg_train.model import EmbeddingModel, scaled_size
 from sg_train.module import LandmarkRetrievalModule
 from sg_train.synthetic.writers import write_revisited_gnd
 
@@ -91,8 +91,8 @@ def test_protocol_settings_are_the_published_ones():
     img = Image.fromarray(_coded(80, 100))
     assert np.array_equal(np.asarray(img.crop(BBX)), _coded(80, 100)[CROPS["revisitop"]])  # Pillow rounds
     # the literals give other sizes than exact 1/sqrt(2), sqrt(2) for some images: int(h*s) both
-    assert SUPERGLOBAL.scaled_size(169, 338, 1.4142) == (238, 477)
-    assert REVISITOP.scaled_size(169, 338, math.sqrt(2)) == (239, 478)
+    assert scaled_size(169, 338, SUPERGLOBAL.scales[2]) == (238, 477)
+    assert scaled_size(169, 338, REVISITOP.scales[2]) == (239, 478)
 
 
 def test_superglobal_resize_is_the_published_torchvision_call():
