@@ -163,9 +163,8 @@ class RetrievalEvalCallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.history:
-            latest = {entry["stage"]: entry for entry in self.history}  # untrained, then the latest trained
             blocks = {}
-            for stage, entry in latest.items():
+            for stage, entry in self._latest_by_stage().items():
                 for name, result in entry["per_dataset"].items():
                     blocks[f"{name} ({stage}, epoch {entry['epoch']})"] = result
             rank_zero_info("Retrieval mAP (%):\n" + format_results_table(blocks))
@@ -251,9 +250,12 @@ class RetrievalEvalCallback(Callback):
     def _write_results(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero:
             return
-        latest = {entry["stage"]: entry for entry in self.history}
-        write_json(Path(trainer.default_root_dir) / RESULTS_FILE,
-                   {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "evaluations": self.history, **latest})
+        write_json(Path(trainer.default_root_dir) / RESULTS_FILE, {"format": RESULTS_FORMAT, "version": RESULTS_VERSION,
+                                                                  "evaluations": self.history, **self._latest_by_stage()})
+
+    def _latest_by_stage(self) -> dict[str, dict[str, Any]]:
+        """``{"untrained": ..., "trained": ...}``: the last evaluation of each stage, untrained first."""
+        return {entry["stage"]: entry for entry in self.history}
 
 
 def _emh(values: dict[str, float]) -> str:

@@ -116,9 +116,8 @@ class GLDv2DataModule(LightningDataModule):
                 raise OptionError(f"{name} must be >= 1, got {v}")
         if num_workers < 0:
             raise OptionError(f"num_workers must be >= 0, got {num_workers}")
-        resolve_normalization(mean, std, input_format or "rgb")  # validates early
         self.requested_preprocessing = {"input_format": input_format, "mean": mean, "std": std}
-        self.mean, self.std = resolve_normalization(mean, std, input_format or "rgb")
+        self.mean, self.std = resolve_normalization(mean, std, input_format or "rgb")  # validates early
         self.input_format = input_format or "rgb"
 
         self.data_root = os.fspath(data_root)
