@@ -35,18 +35,23 @@ from sg_train.weights_io import (
 FREE_WHEN_LOADING = frozenset({"gem_p", "scales"})
 
 
-def check_configured_as_stored(model: EmbeddingModel, checkpoint: dict[str, Any], what: str) -> bool:
+def check_configured_as_stored(model: EmbeddingModel, checkpoint: dict[str, Any], what: str) -> None:
     """Check that ``model`` is configured as the checkpoint's stored model configuration says.
 
-    Compares every value in effect except :data:`FREE_WHEN_LOADING`. Returns False (nothing
-    checked) for a checkpoint written before sg-train stored its configuration. Raises
+    Compares every value in effect except :data:`FREE_WHEN_LOADING`. A checkpoint written before
+    sg-train stored its configuration cannot be checked: that is said in a warning. Raises
     :class:`~sg_train.weights_io.WeightsMismatchError` listing each differing value (the
     checkpoint's and the configured one) and where to set it; ``what`` names the checkpoint.
     :class:`~sg_train.model.ModelConfigError` for a stored configuration this version cannot read.
     """
     stored = stored_model_config(checkpoint)
     if stored is None:
-        return False
+        rank_zero_warn(
+            f"{what} stores no model configuration (written before sg-train stored one), so only its weights "
+            "can be checked: the values that are not weights (GeM+ p, R-GeM p and kernel, Scale-GeM mode and p, "
+            "ReLU+ alpha, preprocessing) are this run's configured ones"
+        )
+        return
     differences = config_differences(
         model_config_arguments(stored, what=what), model_config_arguments(model.config), ignore=FREE_WHEN_LOADING
     )
@@ -57,7 +62,6 @@ def check_configured_as_stored(model: EmbeddingModel, checkpoint: dict[str, Any]
             + ". Configure the model as the checkpoint has it (model.backbone, model.head, model.embedding_dim, "
             "model.relu_plus, the rest under model.model_options)"
         )
-    return True
 
 
 def transfer_class_weights(
@@ -102,12 +106,7 @@ def load_finetune_weights(
     """
     checkpoint = read_lightning_checkpoint(path)
     what = f"checkpoint {path}"
-    if not check_configured_as_stored(module.model, checkpoint, what):
-        rank_zero_warn(
-            f"init_from {path}: the checkpoint stores no model configuration (written before sg-train stored "
-            "one), so only its weights can be checked; values that are not weights (GeM+ p, R-GeM p and "
-            "kernel, Scale-GeM mode and p, ReLU+ alpha, preprocessing) are this run's configured ones"
-        )
+    check_configured_as_stored(module.model, checkpoint, what)
     state = checkpoint["state_dict"]
     model_state = split_state_dict(state, MODEL_PREFIX)
     check_exact_fit(module.model, model_state, what)

@@ -126,12 +126,7 @@ class LandmarkRetrievalModule(pl.LightningModule):
         # on another class set (the datamodule's error names the first differing landmark), is refused
         # with the reason instead of a bare tensor size mismatch or, worse, a silent change of model.
         what = f"checkpoint {self.trainer.ckpt_path}" if self._trainer is not None else "the checkpoint"
-        if not check_configured_as_stored(self.model, checkpoint, what):
-            rank_zero_warn(
-                f"{what} stores no model configuration (written before sg-train stored one): the "
-                "model's values that are not weights (GeM+ p, R-GeM p and kernel, Scale-GeM, ReLU+ alpha, "
-                "preprocessing) are this run's configured ones and cannot be checked against it"
-            )
+        check_configured_as_stored(self.model, checkpoint, what)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if hasattr(datamodule, "check_checkpoint"):
             datamodule.check_checkpoint(checkpoint)
