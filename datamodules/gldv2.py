@@ -5,47 +5,30 @@ access (LightningCLI links ``data.num_classes`` to the model at instantiation). 
 contiguous relabelling travels in Lightning checkpoints through ``state_dict`` /
 ``load_state_dict`` and is checked against the data on resume.
 
-Batches are dicts (see :mod:`datamodules.collate`)::
-
-    {"image": float (B, 3, H, W), "label": long (B,), "index": long (B,), "failed": ["<path>\t<reason>", ...]}
-
-Samples whose file is missing/unreadable/corrupt/truncated are dropped from the batch and
-listed in ``"failed"`` (``B`` may be 0: a fully failed batch is returned, not raised).
+Batches, loaders and pre-flight checks: :mod:`datamodules.classification`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
 
-from sg_train.errors import OptionError, UserInputError
-from sg_train.weights_io import WeightsMismatchError
+from sg_train.errors import OptionError
 
-from .collate import SkipFailedCollate
+from .classification import ClassMappingError, ImageClassificationDataModule
 from .gldv2_index import GLDv2Split, build_gldv2_split, default_split_path, gldv2_image_path
-from .image_dataset import ImageDataset, worker_init_fn
-from .sampler import SeededSampler
-from .transforms import build_eval_transform, build_train_transform, resolve_normalization
+from .image_dataset import ImageDataset
 
 __all__ = ["ClassMappingError", "GLDv2DataModule"]
 
 STATE_VERSION = 1
-PREFLIGHT_SAMPLE = 256  # training files checked for existence before the first step
-PREFLIGHT_MAX_MISSING = 0.5  # more missing than this fraction of the sample stops the run
 
 
-class ClassMappingError(WeightsMismatchError):
-    """A checkpoint whose class mapping does not match the current data."""
-
-
-class GLDv2DataModule(LightningDataModule):
+class GLDv2DataModule(ImageClassificationDataModule):
     """GLDv2 (``train.csv`` or ``train_clean.csv``) with a held-out stratified validation split.
 
     Args:
@@ -57,23 +40,8 @@ class GLDv2DataModule(LightningDataModule):
         split_file: JSON split file; default ``<data_root>/splits/<csv>_min<m>_val<f>_seed<s>.json``.
             Written once (atomically), then reused; refused if it does not fit the CSV.
         seed: split seed.
-        image_size: training crop size.
-        eval_image_size: validation images are resized to this longest side and padded to a
-            square (default ``image_size``).
-        batch_size / eval_batch_size: per-process batch sizes (eval default: ``batch_size``).
-        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings
-            (pinning only where CUDA is present, persistence only with workers).
-        mean, std, input_format: leave at ``None``: the pixels are prepared the way the model
-            being trained says (``EmbeddingModel.preprocessing``: channel order, mean, std, taken
-            at setup from the trainer's LightningModule), the same as retrieval evaluation and
-            ``evaluate.py`` prepare them. A value given here must agree with the model's, or
-            setup stops naming both. Without a trainer (the datamodule used on its own):
-            ImageNet's statistics in RGB, or the values given.
-        scale, ratio: RandomResizedCrop area fraction and aspect range.
-        hflip_p: horizontal flip probability.
-        color_jitter, color_jitter_hue, color_jitter_p: brightness/contrast/saturation strength,
-            hue range and probability of the colour jitter.
-        jpeg_quality, jpeg_p: JPEG re-compression quality range and probability.
+        **kwargs: image sizes, batch sizes, loader settings, preprocessing and augmentations:
+            see :class:`~datamodules.classification.ImageClassificationDataModule`.
     """
 
     def __init__(
@@ -85,41 +53,14 @@ class GLDv2DataModule(LightningDataModule):
         val_fraction: float = 0.05,
         split_file: str | None = None,
         seed: int = 0,
-        image_size: int = 512,
-        eval_image_size: int | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        prefetch_factor: int | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        input_format: Literal["rgb", "bgr"] | None = None,
-        scale: tuple[float, float] = (0.25, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip_p: float = 0.5,
-        color_jitter: float = 0.3,
-        color_jitter_hue: float = 0.0,
-        color_jitter_p: float = 0.5,
-        jpeg_quality: tuple[int, int] = (50, 100),
-        jpeg_p: float = 0.25,
+        **kwargs: Any,
     ):
-        super().__init__()
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         if min_images_per_class < 1:
             raise OptionError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
         if not 0 <= val_fraction < 1:
             raise OptionError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-        for name, v in (("image_size", image_size), ("batch_size", batch_size)):
-            if int(v) < 1:
-                raise OptionError(f"{name} must be >= 1, got {v}")
-        if num_workers < 0:
-            raise OptionError(f"num_workers must be >= 0, got {num_workers}")
-        self.requested_preprocessing = {"input_format": input_format, "mean": mean, "std": std}
-        self.mean, self.std = resolve_normalization(mean, std, input_format or "rgb")  # validates early
-        self.input_format = input_format or "rgb"
-
         self.data_root = os.fspath(data_root)
         self.csv = csv
         self.csv_path = csv if os.path.isabs(csv) else os.path.join(self.data_root, csv)
@@ -135,30 +76,7 @@ class GLDv2DataModule(LightningDataModule):
             self.split_file = default_split_path(
                 self.data_root, csv, self.min_images_per_class, self.val_fraction, self.seed
             )
-        self.image_size = int(image_size)
-        self.eval_image_size = int(eval_image_size) if eval_image_size is not None else self.image_size
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
-        self.num_workers = int(num_workers)
-        self.pin_memory = bool(pin_memory)
-        self.persistent_workers = bool(persistent_workers)
-        self.prefetch_factor = prefetch_factor
-        self.aug = {
-            "scale": tuple(scale),
-            "ratio": tuple(ratio),
-            "hflip_p": hflip_p,
-            "color_jitter": color_jitter,
-            "color_jitter_hue": color_jitter_hue,
-            "color_jitter_p": color_jitter_p,
-            "jpeg_quality": tuple(jpeg_quality),
-            "jpeg_p": jpeg_p,
-        }
-        self.build_train_transform()  # validate augmentation arguments now, not in a worker
-
         self._split: GLDv2Split | None = None
-        self._data_seed: int | None = None
-        self.train_dataset: ImageDataset | None = None
-        self.val_dataset: ImageDataset | None = None
 
     # ------------------------------------------------------------------ index (lazy)
 
@@ -189,139 +107,29 @@ class GLDv2DataModule(LightningDataModule):
         """Original GLDv2 landmark id of each contiguous label."""
         return [int(x) for x in self.split.landmark_ids]
 
-    # ------------------------------------------------------------------ transforms
-
-    def build_train_transform(self):
-        return build_train_transform(
-            self.image_size, mean=self.mean, std=self.std, input_format=self.input_format, **self.aug
-        )
-
-    def build_eval_transform(self):
-        return build_eval_transform(
-            self.eval_image_size, pad_to_square=True, mean=self.mean, std=self.std, input_format=self.input_format
-        )
-
     # ------------------------------------------------------------------ Lightning hooks
-
-    def adopt_model_preprocessing(self, preprocessing: dict[str, Any]) -> None:
-        """Prepare pixels as ``preprocessing`` (``EmbeddingModel.preprocessing``) says.
-
-        Raises ValueError when a ``mean``/``std``/``input_format`` given to this datamodule
-        contradicts the model's, naming both (one of them would be wrong for training or for
-        evaluation).
-        """
-        model = {"input_format": str(preprocessing["input_format"]).lower(),
-                 "mean": tuple(float(v) for v in preprocessing["mean"]),
-                 "std": tuple(float(v) for v in preprocessing["std"])}
-        for key, wanted in self.requested_preprocessing.items():
-            if wanted is None:
-                continue
-            given = str(wanted).lower() if key == "input_format" else tuple(float(v) for v in wanted)
-            if given != model[key]:
-                raise UserInputError(
-                    f"data.{key}={wanted} contradicts the model's {key} {model[key]} (model.model_options.{key}, or "
-                    f"the backbone's pretrained statistics): training and evaluation must prepare pixels the same "
-                    f"way; remove data.{key} (the data follows the model), or set model.model_options.{key}"
-                )
-        self.input_format, self.mean, self.std = model["input_format"], model["mean"], model["std"]
 
     def setup(self, stage: str | None = None) -> None:
         if not os.path.isdir(self.image_dir):
             raise FileNotFoundError(f"GLDv2 image folder not found: {self.image_dir} (set image_dir)")
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        preprocessing = getattr(getattr(module, "model", None), "preprocessing", None)
-        if preprocessing is not None:
-            self.adopt_model_preprocessing(preprocessing)
+        self.adopt_trainer_model()
         split = self.split
         if self.train_dataset is None and stage in (None, "fit"):
             self.train_dataset = ImageDataset(
                 split.train_ids, split.train_labels, self.image_dir, self.build_train_transform(), gldv2_image_path
             )
-            self._check_training_set(self.train_dataset)
+            self.check_training_set(
+                self.train_dataset,
+                source=f"{self.csv_path} (after min_images_per_class={self.min_images_per_class} and the "
+                f"val_fraction={self.val_fraction} split)",
+                layout_hint=f"images must be at <image_dir>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg under {self.image_dir!r} "
+                f"with the ids exactly as in {self.csv_path} (same case); set data.image_dir to the folder holding "
+                "those sub-folders",
+            )
         if self.val_dataset is None and stage in (None, "fit", "validate") and len(split.val_ids):
             self.val_dataset = ImageDataset(
                 split.val_ids, split.val_labels, self.image_dir, self.build_eval_transform(), gldv2_image_path
             )
-
-    def _check_training_set(self, dataset: ImageDataset) -> None:
-        """Pre-flight: enough images for one batch, and most of a sample of the files present.
-
-        Every path wrong (another ``image_dir``, upper-cased ids, a folder without the
-        ``a/b/c`` layout) would otherwise train on empty batches; a few missing files are the
-        normal case for GLDv2 and are skipped during training (see ``SkippedImagesReport``).
-        """
-        world = self._world_size()
-        if len(dataset) < self.batch_size * world:
-            raise UserInputError(
-                f"{self.csv_path}: {len(dataset)} training images (after min_images_per_class="
-                f"{self.min_images_per_class} and the val_fraction={self.val_fraction} split) are fewer than one "
-                f"batch of data.batch_size={self.batch_size}" + (f" on each of {world} processes" if world > 1 else "")
-                + f"; set data.batch_size to at most {max(1, len(dataset) // world)} or add images"
-            )
-        rng = np.random.default_rng(0)
-        sample = rng.choice(len(dataset), size=min(len(dataset), PREFLIGHT_SAMPLE), replace=False)
-        missing = [dataset.path(int(i)) for i in sample if not os.path.isfile(dataset.path(int(i)))]
-        if len(missing) > PREFLIGHT_MAX_MISSING * len(sample):
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(sample)} sampled training images do not exist under {self.image_dir!r}, "
-                f"e.g. {missing[:3]}; images must be at <image_dir>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg with the ids "
-                f"exactly as in {self.csv_path} (same case); set data.image_dir to the folder holding those "
-                "sub-folders"
-            )
-        if missing:
-            rank_zero_warn(
-                f"{len(missing)} of {len(sample)} sampled training images do not exist (e.g. {missing[0]!r}); "
-                "missing images are skipped and listed in skipped_images.tsv"
-            )
-
-    def _rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_rank) if trainer is not None else 0
-
-    def _world_size(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.world_size) if trainer is not None else 1
-
-    @property
-    def data_seed(self) -> int:
-        """Seed of the training order and augmentations (``torch.initial_seed()`` at first use, i.e.
-        ``seed_everything``'s; restored from the checkpoint on resume)."""
-        if self._data_seed is None:
-            self._data_seed = int(torch.initial_seed() % 2**63)
-        return self._data_seed
-
-    def _loader(self, dataset: ImageDataset, batch_size: int, train: bool, size: int) -> DataLoader:
-        kwargs: dict[str, Any] = {}
-        if self.num_workers > 0:
-            kwargs["persistent_workers"] = self.persistent_workers
-            if self.prefetch_factor is not None:
-                kwargs["prefetch_factor"] = int(self.prefetch_factor)
-        if train:  # order and augmentations from (data_seed, epoch, index) alone: resumable exactly
-            kwargs["sampler"] = SeededSampler(
-                dataset, num_replicas=self._world_size(), rank=self._rank(), shuffle=True, seed=self.data_seed
-            )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            collate_fn=SkipFailedCollate((3, size, size)),
-            worker_init_fn=functools.partial(worker_init_fn, rank=self._rank()),
-            **kwargs,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            self.setup("fit")
-        return self._loader(self.train_dataset, self.batch_size, True, self.image_size)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_dataset is None:
-            self.setup("validate")
-        if self.val_dataset is None:  # val_fraction == 0 (or nothing to hold out)
-            return []
-        return self._loader(self.val_dataset, self.eval_batch_size, False, self.eval_image_size)
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -339,28 +147,9 @@ class GLDv2DataModule(LightningDataModule):
             "data_seed": self.data_seed,
         }
 
-    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Raise :class:`ClassMappingError` if a Lightning checkpoint's class mapping does not fit the data.
-
-        Lightning restores the model *before* the datamodule, so a checkpoint with another class
-        count fails first in the model's ``load_state_dict`` with a bare size mismatch. Call this
-        from ``LightningModule.on_load_checkpoint`` (it runs before the weights are loaded) to get
-        the data-level error instead::
-
-            dm = self.trainer.datamodule if self._trainer is not None else None
-            if hasattr(dm, "check_checkpoint"):
-                dm.check_checkpoint(checkpoint)
-
-        Checkpoints without this datamodule's state are accepted (nothing to compare).
-        """
-        state = checkpoint.get(type(self).__qualname__)
-        if state is not None:
-            self._check_mapping(state)
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_mapping(state_dict)
-        if "data_seed" in state_dict:  # the same order and augmentations as before the interruption
-            self._data_seed = int(state_dict["data_seed"])
+        self.check_class_mapping(state_dict)
+        self.restore_data_seed(state_dict)
         saved_split = state_dict.get("split_file")
         if saved_split != self.split.split_file:
             rank_zero_warn(
@@ -368,7 +157,7 @@ class GLDv2DataModule(LightningDataModule):
                 "validation images may differ from (or overlap) the ones trained on before"
             )
 
-    def _check_mapping(self, state_dict: dict[str, Any]) -> None:
+    def check_class_mapping(self, state_dict: dict[str, Any]) -> None:
         if "landmark_ids" not in state_dict:
             raise ClassMappingError(
                 f"checkpoint's datamodule state has no 'landmark_ids' (keys: {sorted(state_dict)}); "

@@ -57,6 +57,10 @@ class ImageDataset(Dataset):
         transform: albumentations-style callable, ``transform(image=rgb_uint8)["image"]``;
             ``None`` returns the RGB image as a ``uint8`` ``(3, H, W)`` tensor.
         path_fn: ``path_fn(root, name) -> path``; a module-level function (picklable).
+        boxes: optional float ``(N, 4)`` crop ``x1, y1, x2, y2`` in pixels of the decoded image
+            (x2/y2 exclusive, rounded half up as revisitop rounds query boxes; a NaN row: the whole
+            image), applied before the transform. A box that does not fit its image makes the
+            sample fail (reported like an unreadable file), not the epoch.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class ImageDataset(Dataset):
         root: str | os.PathLike = "",
         transform: Callable[..., dict[str, Any]] | None = None,
         path_fn: Callable[[str, str], str] = join_path,
+        boxes: np.ndarray | None = None,
     ):
         self.names = compact_strings(names)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -76,6 +81,7 @@ class ImageDataset(Dataset):
         self.root = os.fspath(root)
         self.transform = transform
         self.path_fn = path_fn
+        self.boxes = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(len(self.names), 4)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -94,6 +100,7 @@ class ImageDataset(Dataset):
         sample: dict[str, Any] = {"image": None, "label": int(self.labels[index]), "index": index, "failed": None}
         try:
             img = read_image(path)
+            img = self._crop(index, img)
         except ImageReadError as e:
             sample["failed"] = (e.path, e.reason)
             return sample
@@ -109,6 +116,16 @@ class ImageDataset(Dataset):
                 f"transform failed on image {path!r} (shape {img.shape}): {type(e).__name__}: {e}"
             ) from e
         return sample
+
+    def _crop(self, index: int, img: np.ndarray) -> np.ndarray:
+        if self.boxes is None or np.isnan(self.boxes[index]).any():
+            return img
+        x1, y1, x2, y2 = (int(np.floor(v + 0.5)) for v in self.boxes[index])
+        height, width = img.shape[:2]
+        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+            raise ImageReadError(self.path(index), f"box {self.boxes[index].tolist()} does not fit the image "
+                                                   f"({width} x {height} W x H)")
+        return img[y1:y2, x1:x2]
 
     def reseed(self, seed: int) -> None:
         """Re-seed the transform's own RNG (albumentations 2.x keeps one per pipeline).

@@ -1,0 +1,257 @@
+"""Train on your own labelled photos: class folders or an OML-style CSV (see
+:mod:`datamodules.labelled_index` for both formats and the held-out split).
+
+The classes are the data's, by name: ``num_classes``, ``class_counts`` (training images) and
+``class_names`` go to the model (``train.py`` links them) and every checkpoint stores the names.
+The held-out images are validated twice: classification accuracy/GAP as for GLDv2, and, through
+:meth:`LabelledImagesDataModule.retrieval_benchmark`, as a query/gallery retrieval benchmark
+(leave-one-out unless the CSV marks ``is_query``/``is_gallery``) that
+:class:`~callbacks.retrieval_eval.RetrievalEvalCallback` scores with mAP@k, recall@k and MAP@R.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from sg_train.errors import OptionError
+from sg_train.image_io import ImageReadError
+
+from .classification import ClassMappingError, ImageClassificationDataModule
+from .image_dataset import ImageDataset
+from .labelled_index import LabelledDataError, LabelledImages, load_held_out_split, read_class_folders, read_labelled_csv
+from .revisited import EvalImageDataset, read_image_sizes
+
+__all__ = ["LabelledBenchmark", "LabelledImagesDataModule"]
+
+STATE_VERSION = 1
+BENCHMARK_NAME = "held_out"
+
+
+@dataclass
+class LabelledBenchmark:
+    """A labelled query/gallery benchmark (no ground-truth file).
+
+    Attributes: ``name``; ``queries``/``gallery`` (:class:`~datamodules.revisited.EvalImageDataset`);
+    ``query_labels``/``gallery_labels`` int64 class indices; ``query_gallery_ids`` int64
+    ``(num_queries,)``: the gallery index of the same image for each query, -1 where the query is
+    not in the gallery (it is left out of its own ranking).
+    """
+
+    name: str
+    queries: EvalImageDataset
+    gallery: EvalImageDataset
+    query_labels: np.ndarray
+    gallery_labels: np.ndarray
+    query_gallery_ids: np.ndarray
+
+
+class LabelledImagesDataModule(ImageClassificationDataModule):
+    """Your labelled photos, from class folders (``images``) or a CSV (``csv``).
+
+    Args:
+        images: ``<images>/<class name>/<image>`` folder (give this or ``csv``).
+        csv: an OML-style CSV ``path,label[,split,is_query,is_gallery,x_1,y_1,x_2,y_2]``.
+        image_root: folder the CSV's relative paths start from (default: the CSV's folder).
+        val_fraction: held-out fraction per class when the data gives no ``split`` (see
+            :func:`~datamodules.labelled_index.held_out_count`: at least two of every class of
+            four or more); 0: nothing held out (no validation, no retrieval benchmark).
+        split_file: where the drawn held-out split is written and then reused; default
+            ``<folder>/.sg-train/held_out_<data digest>_f<fraction>_seed<seed>.json`` beside the data.
+        seed: seed of the held-out draw.
+        **kwargs: image sizes, batch sizes, loader settings, preprocessing and augmentations:
+            see :class:`~datamodules.classification.ImageClassificationDataModule`.
+
+    Raises :class:`~sg_train.errors.OptionError` when neither or both of ``images``/``csv`` are
+    given or ``val_fraction`` is outside [0, 1); reading the data raises
+    :class:`~datamodules.labelled_index.LabelledDataError` naming the item at fault.
+    """
+
+    def __init__(
+        self,
+        images: str | None = None,
+        csv: str | None = None,
+        image_root: str | None = None,
+        val_fraction: float = 0.2,
+        split_file: str | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if (images is None) == (csv is None):
+            raise OptionError("give data.images (a folder of class folders) or data.csv (path,label rows), not "
+                              f"{'both' if images is not None else 'neither'}")
+        if not 0 <= val_fraction < 1:
+            raise OptionError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        if image_root is not None and csv is None:
+            raise OptionError("data.image_root goes with data.csv (class folders are their own root)")
+        self.images_dir = None if images is None else os.fspath(images)
+        self.csv = None if csv is None else os.fspath(csv)
+        self.image_root = image_root
+        self.val_fraction = float(val_fraction)
+        self.split_file = split_file
+        self.seed = int(seed)
+        self._data: LabelledImages | None = None
+        self._held_out: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ index (lazy)
+
+    @property
+    def data(self) -> LabelledImages:
+        """Every labelled image, read on first access (the skipped items are reported once)."""
+        if self._data is None:
+            data = read_labelled_csv(self.csv, self.image_root) if self.csv else read_class_folders(self.images_dir)
+            for reason, items in data.skipped.items():
+                rank_zero_warn(f"{data.source}: skipped {len(items)} {reason}, e.g. {items[:3]}")
+            self._data = data
+        return self._data
+
+    @property
+    def held_out(self) -> np.ndarray:
+        """``(N,)`` bool: the held-out images (the data's ``split`` column, or the seeded draw)."""
+        if self._held_out is None:
+            data = self.data
+            if data.split is not None:
+                self._held_out = data.split
+            elif self.val_fraction == 0:
+                self._held_out = np.zeros(len(data), dtype=bool)
+            else:
+                self._held_out, self.split_file = load_held_out_split(data, self.val_fraction, self.seed, self.split_file)
+            counts = Counter(data.labels[~self._held_out].tolist())
+            untrained = [data.class_names[c] for c in range(data.num_classes) if counts[c] == 0]
+            if untrained:
+                raise LabelledDataError(f"{data.source}: classes {untrained[:5]} have no training image (all held "
+                                        "out); every class needs at least one training image")
+        return self._held_out
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """Training images per class index, ``long`` ``(num_classes,)``."""
+        train = self.data.labels[~self.held_out]
+        return torch.from_numpy(np.bincount(train, minlength=self.num_classes).astype(np.int64))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.data.class_names)
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def _dataset(self, rows: np.ndarray, transform) -> ImageDataset:
+        data = self.data
+        boxes = None if data.boxes is None else data.boxes[rows]
+        return ImageDataset([data.paths[i] for i in rows], data.labels[rows], data.root, transform, boxes=boxes)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.adopt_trainer_model()
+        held_out = self.held_out
+        if self.train_dataset is None and stage in (None, "fit"):
+            rows = np.flatnonzero(~held_out)
+            self.train_dataset = self._dataset(rows, self.build_train_transform())
+            single = int((np.bincount(self.data.labels, minlength=self.num_classes) == 1).sum())
+            rank_zero_info(
+                f"{self.data.source}: {self.num_classes} classes, {len(rows)} training and {int(held_out.sum())} "
+                f"held-out images" + (f"; {single} classes of one image are trained on, not evaluated" if single else "")
+            )
+            self.check_training_set(self.train_dataset, source=self.data.source,
+                                    layout_hint=f"the images were listed from {self.data.source}; were they moved?")
+        if self.val_dataset is None and stage in (None, "fit", "validate") and held_out.any():
+            self.val_dataset = self._dataset(np.flatnonzero(held_out), self.build_eval_transform())
+
+    def retrieval_benchmark(self, *, mean, std, input_format: str, protocol) -> LabelledBenchmark | None:
+        """The held-out images as a query/gallery benchmark, prepared as ``protocol`` and the model say.
+
+        Queries: the held-out images marked ``is_query`` (all of them when the data does not say);
+        gallery: those marked ``is_gallery`` (all). Boxes crop as in training. None when nothing
+        is held out. Raises :class:`~sg_train.image_io.ImageReadError` naming an unreadable image
+        and :class:`LabelledDataError` for a box outside its image, before any training step.
+        """
+        data = self.data
+        rows = np.flatnonzero(self.held_out)
+        if not len(rows):
+            return None
+        is_query = np.ones(len(rows), bool) if data.is_query is None else data.is_query[rows]
+        is_gallery = np.ones(len(rows), bool) if data.is_gallery is None else data.is_gallery[rows]
+        if not is_query.any() or not is_gallery.any():
+            raise LabelledDataError(f"{data.source}: the validation rows mark {int(is_query.sum())} queries and "
+                                    f"{int(is_gallery.sum())} gallery images; a benchmark needs both")
+        paths = [data.path(i) for i in rows]
+        sizes, errors = read_image_sizes(paths)
+        boxes = [self._eval_box(data, i, paths[k], sizes[k], errors.get(k)) for k, i in enumerate(rows)]
+
+        def part(mask: np.ndarray) -> EvalImageDataset:
+            chosen = np.flatnonzero(mask)
+            dataset = EvalImageDataset([paths[k] for k in chosen], [boxes[k] for k in chosen], mean=mean, std=std,
+                                       input_format=input_format, protocol=protocol)
+            dataset._set_source_sizes(sizes[chosen])
+            dataset.name = BENCHMARK_NAME
+            return dataset
+
+        gallery_position = np.cumsum(is_gallery) - 1
+        query_rows = np.flatnonzero(is_query)
+        return LabelledBenchmark(
+            name=BENCHMARK_NAME,
+            queries=part(is_query),
+            gallery=part(is_gallery),
+            query_labels=data.labels[rows][is_query],
+            gallery_labels=data.labels[rows][is_gallery],
+            query_gallery_ids=np.where(is_gallery[query_rows], gallery_position[query_rows], -1).astype(np.int64),
+        )
+
+    @staticmethod
+    def _eval_box(data: LabelledImages, row: int, path: str, size: np.ndarray, error: str | None):
+        if error is not None:
+            raise ImageReadError(path, error)
+        if data.boxes is None or np.isnan(data.boxes[row]).any():
+            return None
+        x1, y1, x2, y2 = (int(np.floor(v + 0.5)) for v in data.boxes[row])
+        height, width = int(size[0]), int(size[1])
+        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+            raise LabelledDataError(f"{data.source}: box {data.boxes[row].tolist()} of {data.paths[row]!r} does not fit "
+                                    f"the image ({width} x {height} W x H)")
+        return x1, y1, x2, y2
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "source": self.data.source,
+            "class_names": self.class_names,
+            "split_file": self.split_file,
+            "data_digest": self.data.digest(),
+            "data_seed": self.data_seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_class_mapping(state_dict)
+        self.restore_data_seed(state_dict)
+        if state_dict.get("data_digest") != self.data.digest():
+            rank_zero_warn(f"resuming on {self.data.source}, whose images changed since the checkpoint (same classes); "
+                           "held-out images may differ from before")
+
+    def check_class_mapping(self, state_dict: dict[str, Any]) -> None:
+        saved = list(state_dict.get("class_names") or [])
+        current = self.class_names
+        if saved != current:
+            first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), min(len(saved), len(current)))
+            raise ClassMappingError(
+                f"the checkpoint's classes do not match the data: checkpoint has {len(saved)} classes (from "
+                f"{state_dict.get('source')!r}), the data has {len(current)} ({self.data.source!r}); first difference "
+                f"at class {first}: checkpoint {saved[first] if first < len(saved) else None!r}, data "
+                f"{current[first] if first < len(current) else None!r}. To train on other classes start a new run "
+                "with model.init_from=<checkpoint> instead of resuming"
+            )
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({'csv=' + repr(self.csv) if self.csv else 'images=' + repr(self.images_dir)}, "
+                f"val_fraction={self.val_fraction}, seed={self.seed})")
