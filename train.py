@@ -35,7 +35,7 @@ from callbacks.finite_loss import FiniteLossGuard  # noqa: E402
 from callbacks.last_checkpoint import LastCheckpoint  # noqa: E402
 from callbacks.log_progress import batch_log_progress_bar  # noqa: E402
 from callbacks.skipped_images import SkippedImagesReport  # noqa: E402
-from datamodules.gldv2 import GLDv2DataModule  # noqa: E402
+from datamodules.classification import ImageClassificationDataModule  # noqa: E402
 from sg_train.errors import is_user_error, one_line  # noqa: E402
 from sg_train.module import LandmarkRetrievalModule  # noqa: E402
 from sg_train.run_folder import (  # noqa: E402
@@ -79,6 +79,8 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_counts", "model.class_counts", compute_fn=_as_list, apply_on="instantiate")
         parser.link_arguments("data.landmark_ids", "model.landmark_ids", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.set_defaults({"data": {"class_path": "datamodules.gldv2.GLDv2DataModule"}})  # GLDv2 unless told
         parser.add_lightning_class_args(SkippedImagesReport, "skipped_images")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -177,7 +179,8 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     """Parse ``args`` (default: the command line); with ``run=False`` only build the objects."""
     return TrainCLI(
         LandmarkRetrievalModule,
-        GLDv2DataModule,
+        ImageClassificationDataModule,
+        subclass_mode_data=True,
         trainer_defaults={"callbacks": [FiniteLossGuard()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the optimizer comes in through the module (model.optimizer)

@@ -1,5 +1,6 @@
-"""Retrieval validation during training: Revisited Oxford/Paris mAP, with and without SuperGlobal
-reranking, every N epochs (docs/design.md §4, §8).
+"""Retrieval validation during training, with and without SuperGlobal reranking, every N epochs
+(docs/design.md §4, §8): Revisited Oxford/Paris E/M/H mAP, and, for your own labelled photos, the
+held-out split as a query/gallery benchmark scored with pytorch-metric-learning's metrics.
 
 Under DDP each rank extracts whole batches of a shared batch plan and the descriptors are
 all-gathered, so the numbers equal a single-process run's to the last digit.
@@ -13,7 +14,8 @@ survive a resume.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks.last_checkpoint import LastCheckpoint
 from datamodules.revisited import RevisitedDataset
 from sg_train.eval_protocols import resolve_protocol
-from sg_train.errors import OptionError
+from sg_train.errors import OptionError, UserInputError
 from sg_train.extraction import extract_descriptors, gather_descriptors
 from sg_train.files import write_json
-from sg_train.retrieval import PROTOCOLS, check_rerank_params, evaluate_descriptors, format_results_table
+from sg_train.retrieval import (
+    PROTOCOLS,
+    check_rerank_params,
+    evaluate_descriptors,
+    evaluate_labelled,
+    format_results_table,
+    required_rank_columns,
+)
 from sg_train.run_folder import CHECKPOINT_DIR, LAST_CHECKPOINT, RESULTS_FILE
 
 RESULTS_FORMAT = "sg-train/retrieval-results"
@@ -39,18 +48,40 @@ class RetrievalEvaluationError(RuntimeError):
     """A retrieval evaluation that failed during ``fit`` (the trained weights were saved first)."""
 
 
+#: the parts of a result kept in results.json: Revisited E/M/H, or labelled-set metrics
+RESULT_KEYS = ("mAP", "rerank_mAP", "metrics", "rerank_metrics")
+
+
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``{"mAP": {E, M, H}, "rerank_mAP": {...}}`` averaged over datasets, plus ``per_dataset``."""
+    """``{"mAP": {E, M, H}, "rerank_mAP": {...}}`` averaged over the Revisited datasets (absent
+    without one), plus ``per_dataset`` (each dataset's E/M/H or labelled-set metrics)."""
     summary: dict[str, Any] = {}
     for key in ("mAP", "rerank_mAP"):
-        if all(key in result for result in results.values()):
-            summary[key] = {p: sum(r[key][p] for r in results.values()) / len(results) for p in PROTOCOLS}
-    summary["per_dataset"] = {name: {k: r[k] for k in ("mAP", "rerank_mAP") if k in r} for name, r in results.items()}
+        having = [r[key] for r in results.values() if key in r]
+        if having:
+            summary[key] = {p: sum(r[p] for r in having) / len(having) for p in PROTOCOLS}
+    summary["per_dataset"] = {name: {k: r[k] for k in RESULT_KEYS if k in r} for name, r in results.items()}
     return summary
 
 
+def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """A dataset's result as ``{metric: value}``: ``mAP_E``, ``rerank_mAP_H``, ... for a Revisited
+    dataset; ``mAP@10``, ``rerank_MAP@R``, ... for a labelled benchmark."""
+    flat = {}
+    for key in ("mAP", "rerank_mAP"):
+        for protocol, value in result.get(key, {}).items():
+            flat[f"{key}_{protocol}"] = float(value) if value is not None else float("nan")
+    for key, prefix in (("metrics", ""), ("rerank_metrics", "rerank_")):
+        for name, value in result.get(key, {}).items():
+            if name != "num_queries_scored":
+                flat[prefix + name] = float(value)
+    return flat
+
+
 class RetrievalEvalCallback(Callback):
-    """Log ``retrieval/<dataset>/mAP_{E,M,H}`` and ``retrieval/<dataset>/rerank_mAP_{E,M,H}``.
+    """Log ``retrieval/<dataset>/mAP_{E,M,H}`` and ``retrieval/<dataset>/rerank_mAP_{E,M,H}`` for
+    Revisited-format datasets, and ``retrieval/held_out/{precision@1, recall@k, mAP@k, MAP@R,
+    R-precision}`` (and ``rerank_...``) for the datamodule's held-out split.
 
     Runs at the end of validation every ``every_n_epochs`` epochs (and in ``trainer.validate``);
     when the run has no validation loop it runs at the end of the training epoch instead. The
@@ -59,6 +90,11 @@ class RetrievalEvalCallback(Callback):
     Args:
         data_root: folder holding ``<name>/gnd_<name>.pkl`` and ``<name>/jpg/``.
         datasets: dataset names under ``data_root`` (``roxford5k``, ``rparis6k``, ``rsynth``, ...).
+        held_out: also evaluate the datamodule's held-out split as a query/gallery benchmark
+            named ``held_out`` (a datamodule with ``retrieval_benchmark()``, e.g.
+            :class:`~datamodules.labelled.LabelledImagesDataModule`): leave-one-out unless the data
+            marks queries and gallery; labels decide relevance (no ground-truth file).
+        ks: the k of recall@k and mAP@k on labelled benchmarks.
         protocol: evaluation protocol (``sg_train/eval_protocols.py``): "revisitop" (default: the
             benchmark's rounded crop, scales 1/√2, 1, √2 with antialias, the model's colours) or
             "superglobal" (SuperGlobal's published test code: ``int()`` crop, scales 0.7071, 1,
@@ -88,8 +124,8 @@ class RetrievalEvalCallback(Callback):
 
     def __init__(
         self,
-        data_root: str,
-        datasets: list[str],
+        data_root: str | None = None,
+        datasets: list[str] | None = None,
         every_n_epochs: int = 1,
         scales: Sequence[float] | None = None,
         rerank: bool = True,
@@ -102,13 +138,21 @@ class RetrievalEvalCallback(Callback):
         evaluate_before_training: bool = False,
         progress: bool = True,
         protocol: str = "revisitop",
+        held_out: bool = False,
+        ks: list[int] = (1, 5, 10),
     ) -> None:
         if every_n_epochs < 1:
             raise OptionError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if not datasets:
-            raise OptionError("RetrievalEvalCallback needs at least one dataset name")
-        self.data_root = Path(data_root)
-        self.datasets = list(datasets)
+        if not datasets and not held_out:
+            raise OptionError("RetrievalEvalCallback needs dataset names (datasets, under data_root) or held_out=true")
+        if datasets and data_root is None:
+            raise OptionError(f"datasets {list(datasets)} need data_root, the folder that holds them")
+        if not ks or any(int(k) < 1 for k in ks):
+            raise OptionError(f"ks must be positive integers, got {list(ks)}")
+        self.data_root = None if data_root is None else Path(data_root)
+        self.datasets = list(datasets or [])
+        self.held_out = bool(held_out)
+        self.ks = tuple(int(k) for k in ks)
         self.every_n_epochs = every_n_epochs
         self.protocol = resolve_protocol(protocol, scales=scales, max_size=max_size)
         self.rerank = rerank
@@ -119,18 +163,45 @@ class RetrievalEvalCallback(Callback):
         self.progress = progress
         self.history: list[dict[str, Any]] = []
         self._evaluated_epoch: int | None = None
-        self._datasets: dict[str, tuple[RevisitedDataset, RevisitedDataset]] = {}
+        # name -> (queries, database or None when it is the queries, scorer(Q, X) -> result)
+        self._datasets: dict[str, tuple[Any, Any, Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = pl_module.model
         preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format, "protocol": self.protocol}
+        rerank = {"rerank": self.rerank, "M": self.M, "K": self.K, "beta": self.beta}
         for name in self.datasets:  # read and check everything now, not after an epoch of training
             queries = RevisitedDataset(self.data_root, name, "query", **preprocessing)
             database = RevisitedDataset(self.data_root, name, "database", **preprocessing)
             database.source_sizes()  # every database image header (queries are read at construction)
             if self.rerank:
                 check_rerank_params(len(database), self.M, self.K, self.beta, what=f"the {name} database")
-            self._datasets[name] = (queries, database)
+            self._datasets[name] = (queries, database, functools.partial(evaluate_descriptors, gnd=queries.gnd, **rerank))
+        if self.held_out:
+            self._setup_held_out(trainer, preprocessing, rerank)
+
+    def _setup_held_out(self, trainer: pl.Trainer, preprocessing: dict[str, Any], rerank: dict[str, Any]) -> None:
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "retrieval_benchmark"):
+            raise OptionError(f"held_out=true evaluates the datamodule's held-out split, but {type(datamodule).__name__} "
+                              "has none (use datamodules.labelled.LabelledImagesDataModule, or name Revisited datasets)")
+        bench = datamodule.retrieval_benchmark(**preprocessing)
+        if bench is None:
+            raise UserInputError("held_out=true, but the data holds nothing out (data.val_fraction=0 and no validation "
+                                 "rows): set data.val_fraction, or drop held_out")
+        if required_rank_columns(bench.query_labels, bench.gallery_labels, self.ks,
+                                 query_gallery_ids=bench.query_gallery_ids) == 0:
+            raise UserInputError(f"{bench.name}: no held-out query has another image of its class in the gallery, so "
+                                 "retrieval cannot be scored; hold out more images (data.val_fraction) or give classes "
+                                 "more images (a class of four or more has two held out)")
+        in_gallery = int((bench.query_gallery_ids >= 0).any())
+        if self.rerank:
+            check_rerank_params(len(bench.gallery) - in_gallery, self.M, self.K, self.beta,
+                                what=f"the {bench.name} gallery")
+        same = bench.queries.paths == bench.gallery.paths and bench.queries.boxes == bench.gallery.boxes
+        scorer = functools.partial(evaluate_labelled, query_labels=bench.query_labels, gallery_labels=bench.gallery_labels,
+                                   query_gallery_ids=bench.query_gallery_ids, ks=self.ks, **rerank)
+        self._datasets[bench.name] = (bench.queries, None if same else bench.gallery, scorer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -167,7 +238,7 @@ class RetrievalEvalCallback(Callback):
             for stage, entry in self._latest_by_stage().items():
                 for name, result in entry["per_dataset"].items():
                     blocks[f"{name} ({stage}, epoch {entry['epoch']})"] = result
-            rank_zero_info("Retrieval mAP (%):\n" + format_results_table(blocks))
+            rank_zero_info("Retrieval (%):\n" + format_results_table(blocks))
 
     def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = self._evaluate_guarded(trainer, pl_module)
@@ -204,13 +275,13 @@ class RetrievalEvalCallback(Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]]:
         """Extract (sharded over ranks), gather, search, rerank and score every dataset."""
         results = {}
-        for name, (queries, database) in self._datasets.items():
+        for name, (queries, database, score) in self._datasets.items():
             Q = self._extract(trainer, pl_module, queries, f"{name} queries")
-            X = self._extract(trainer, pl_module, database, f"{name} database")
-            results[name] = evaluate_descriptors(Q, X, queries.gnd, rerank=self.rerank, M=self.M, K=self.K, beta=self.beta)
+            X = Q if database is None else self._extract(trainer, pl_module, database, f"{name} database")
+            results[name] = score(Q, X)
         return results
 
-    def _extract(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: RevisitedDataset, desc: str) -> torch.Tensor:
+    def _extract(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any, desc: str) -> torch.Tensor:
         indices, descriptors = extract_descriptors(
             pl_module.model,
             dataset,
@@ -229,12 +300,8 @@ class RetrievalEvalCallback(Callback):
         return gather_descriptors(indices, descriptors, len(dataset), all_gather=all_gather)
 
     def _metrics(self, results: dict[str, dict[str, Any]], prefix: str) -> dict[str, float]:
-        metrics = {}
-        for name, result in results.items():
-            for key in ("mAP", "rerank_mAP"):
-                for protocol, value in result.get(key, {}).items():
-                    metrics[f"{prefix}/{name}/{key}_{protocol}"] = float(value)
-        return metrics
+        return {f"{prefix}/{name}/{metric}": value for name, result in results.items()
+                for metric, value in flat_metrics(result).items()}
 
     def _record(self, stage: str, results: dict[str, dict[str, Any]], trainer: pl.Trainer) -> None:
         entry = {"stage": stage, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
@@ -242,8 +309,7 @@ class RetrievalEvalCallback(Callback):
         self.history.append(entry)
         for name, result in entry["per_dataset"].items():
             rank_zero_info(f"retrieval {name} ({stage}, epoch {entry['epoch']}, step {entry['global_step']}): "
-                           + " | ".join(f"{label} E/M/H {_emh(result[key])}" for key, label in
-                                        (("mAP", "mAP"), ("rerank_mAP", "rerank mAP")) if key in result))
+                           + _one_line(result))
         if trainer.state.fn == "fit":
             self._write_results(trainer)
 
@@ -256,6 +322,18 @@ class RetrievalEvalCallback(Callback):
     def _latest_by_stage(self) -> dict[str, dict[str, Any]]:
         """``{"untrained": ..., "trained": ...}``: the last evaluation of each stage, untrained first."""
         return {entry["stage"]: entry for entry in self.history}
+
+
+def _one_line(result: dict[str, Any]) -> str:
+    """``mAP E/M/H 60.00/45.00/20.00 | rerank mAP E/M/H ...`` or, for a labelled benchmark,
+    ``P@1 90.00 R@5 ... mAP@10 ... MAP@R ... | rerank ...`` (in %)."""
+    parts = [f"{label} E/M/H {_emh(result[key])}" for key, label in (("mAP", "mAP"), ("rerank_mAP", "rerank mAP"))
+             if key in result]
+    for key, label in (("metrics", ""), ("rerank_metrics", "rerank ")):
+        if key in result:
+            parts.append(label + " ".join(f"{name} {100 * value:.2f}" for name, value in result[key].items()
+                                          if name != "num_queries_scored"))
+    return " | ".join(parts)
 
 
 def _emh(values: dict[str, float]) -> str:

@@ -1,13 +1,17 @@
-"""Start a run from an earlier sg-train checkpoint, possibly on a different set of classes.
+"""Start a run from trained weights (``model.init_from``), possibly on a different set of classes.
 
-The embedding model must be the one the checkpoint holds: its stored configuration
+Sources: an sg-train checkpoint, or a CVNet/pycls checkpoint (the weights SuperGlobal
+evaluates); a timm backbone weights file goes to ``model.pretrained_weights`` instead. The
+embedding model must be the one the file holds: its stored configuration
 (:attr:`EmbeddingModel.config <sg_train.model.EmbeddingModel.config>`) must agree with the
 configured model on every value that changes what the loaded weights compute, and the weights
-must fit completely (names and shapes). A checkpoint of another backbone, head or preprocessing is
+must fit completely (names and shapes). A file of another backbone, head or preprocessing is
 refused, never half-loaded. The class weights of the margin loss are taken whole when the class
-set is the same; when it differs, rows of landmarks present in both runs are copied (matched by
-their original landmark ids) and the rest keep their fresh initialisation. Strict
-``load_state_dict(strict=False)`` cannot do this: it still fails on a shape mismatch.
+set is the same; when it differs, rows of classes present in both runs are copied, matched by
+class name (``class_transfer="name"``, the default) or, when asked, by GLDv2 landmark id
+(``"landmark_id"``), never by position; the rest keep their fresh initialisation, and the log
+names both groups. ``load_state_dict(strict=False)`` cannot do this: it still fails on a shape
+mismatch.
 """
 from __future__ import annotations
 
@@ -18,14 +22,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from sg_train.cvnet import CVNET_MEAN_BGR, CVNET_STD_BGR, cvnet_state_dict_to_embedding_model
+from sg_train.errors import OptionError
 from sg_train.model import EmbeddingModel, config_differences, model_config_arguments
 from sg_train.weights_io import (
+    CHECKPOINT_CONTENT,
     LOSS_PREFIX,
     MODEL_PREFIX,
     WeightsMismatchError,
     check_exact_fit,
-    read_lightning_checkpoint,
+    load_torch_file,
+    as_lightning_checkpoint,
     split_state_dict,
+    stored_class_names,
     stored_landmark_ids,
     stored_model_config,
 )
@@ -64,55 +73,143 @@ def check_configured_as_stored(model: EmbeddingModel, checkpoint: dict[str, Any]
         )
 
 
+#: how class weights are carried over to a run on other classes
+CLASS_TRANSFERS = ("name", "landmark_id", "none")
+_SHOWN = 12  # class names listed in the log line
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:_SHOWN]) + (f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
+
+
 def transfer_class_weights(
     loss_fn: nn.Module,
     source: dict[str, torch.Tensor],
-    source_ids: list[int] | None,
-    target_ids: list[int] | None,
-) -> str:
-    """Copy the margin loss's state from ``source``; returns a one-line account of what was kept."""
+    source_keys: list | None,
+    target_keys: list | None,
+    by: str = "name",
+) -> dict[str, Any]:
+    """Carry the margin loss's state over from ``source`` (a checkpoint's ``loss_fn.*`` tensors).
+
+    ``source_keys``/``target_keys`` identify each class in class order under ``by``: class
+    names (``"name"``) or GLDv2 landmark ids (``"landmark_id"``); ``by="none"`` transfers nothing.
+    The same classes in the same order: the whole state is loaded (also learnt margins and
+    statistics). Other classes: the rows of ``weight`` of classes present in both runs are copied,
+    the others keep their fresh initialisation (sub-centre weights are never copied row-wise).
+    Without keys on either side nothing is copied. Nothing is ever matched by position.
+
+    Returns ``{"account": one line, "copied": [class], "new": [class]}`` (classes as their keys).
+    """
+    if by not in CLASS_TRANSFERS:
+        raise OptionError(f"class_transfer must be one of {CLASS_TRANSFERS}, got {by!r}")
+    result: dict[str, Any] = {"copied": [], "new": list(target_keys or [])}
+    if by == "none":
+        return {**result, "account": "class weights: not transferred (model.class_transfer=none), all initialised fresh"}
+    what = "class names" if by == "name" else "landmark ids"
+    if source_keys is None or target_keys is None:
+        side = "the checkpoint has" if source_keys is None else "this run's data has"
+        hint = " (GLDv2 runs have landmark ids: model.class_transfer=landmark_id copies by those)" if by == "name" else ""
+        return {**result, "account": f"class weights: initialised fresh; {side} no {what} to match classes by{hint}"}
     own = loss_fn.state_dict()
     same_shapes = set(own) == set(source) and all(own[k].shape == source[k].shape for k in own)
-    same_classes = source_ids is None or target_ids is None or list(source_ids) == list(target_ids)
-    if same_shapes and same_classes:
+    if same_shapes and list(source_keys) == list(target_keys):
         loss_fn.load_state_dict(source)
-        return "class weights: all loaded"
+        return {"copied": list(target_keys), "new": [],
+                "account": f"class weights: all {len(target_keys)} classes loaded (the same {what})"}
     weight = own.get("weight")
-    if source_ids is None or target_ids is None or weight is None or weight.shape[0] != len(target_ids):
-        return "class weights: re-initialised (class set differs and landmark ids are unknown or sub-centred)"
-    source_weight = source["weight"]
-    if source_weight.shape[0] != len(source_ids) or source_weight.shape[1] != weight.shape[1]:
-        return "class weights: re-initialised (checkpoint weights do not match its landmark ids)"
-    source_row = {landmark: row for row, landmark in enumerate(source_ids)}
-    pairs = [(row, source_row[landmark]) for row, landmark in enumerate(target_ids) if landmark in source_row]
+    source_weight = source.get("weight")
+    if weight is None or source_weight is None or weight.shape[0] != len(target_keys) \
+            or source_weight.shape != (len(source_keys), weight.shape[1]):
+        return {**result, "account": "class weights: initialised fresh (sub-centre or differently sized weights "
+                                     "cannot be matched row by row)"}
+    source_row = {key: row for row, key in enumerate(source_keys)}
+    pairs = [(row, source_row[key]) for row, key in enumerate(target_keys) if key in source_row]
     if pairs:
         rows, src_rows = (torch.tensor(x) for x in zip(*pairs))
         with torch.no_grad():
             loss_fn.weight[rows] = source_weight[src_rows].to(loss_fn.weight)
-    return f"class weights: {len(pairs)} of {len(target_ids)} classes copied by landmark id, others re-initialised"
+    copied = [target_keys[row] for row, _ in pairs]
+    new = [key for key in target_keys if key not in source_row]
+    account = f"class weights: {len(copied)} of {len(target_keys)} classes copied by {what}"
+    if copied:
+        account += f" ({_listed([str(k) for k in copied])})"
+    if new:
+        account += f"; {len(new)} new, initialised fresh ({_listed([str(k) for k in new])})"
+    return {"copied": copied, "new": new, "account": account}
 
 
 def load_finetune_weights(
-    module: nn.Module, path: str | Path, target_landmark_ids: list[int] | None = None
+    module: nn.Module,
+    path: str | Path,
+    *,
+    target_landmark_ids: list[int] | None = None,
+    target_class_names: list[str] | None = None,
+    class_transfer: str = "name",
 ) -> dict[str, Any]:
-    """Initialise ``module.model`` and ``module.loss_fn`` from the sg-train checkpoint at ``path``.
+    """Initialise ``module.model`` (and ``module.loss_fn``'s class weights) from the file at ``path``.
 
-    The configured ``module.model`` must be the checkpoint's model (:func:`check_configured_as_stored`;
-    a checkpoint without a stored configuration only warns that it cannot be checked) and its
-    weights must fit exactly. Raises FileNotFoundError,
-    :class:`~sg_train.weights_io.WeightsFileError` for an unreadable file and
-    :class:`~sg_train.weights_io.WeightsMismatchError` for one that does not fit, before any
+    ``path`` is an sg-train checkpoint or a CVNet/pycls checkpoint (``model_state``, the weights
+    SuperGlobal evaluates). sg-train: the configured ``module.model`` must be the checkpoint's
+    model (:func:`check_configured_as_stored`; a checkpoint without a stored configuration only
+    warns that it cannot be checked) and its weights must fit exactly; class weights follow
+    :func:`transfer_class_weights` by ``class_transfer`` ("name", "landmark_id" or "none").
+    CVNet: the configured model must be what the file holds (``resnet50``/``resnet101``, its FC
+    size, BGR input with CVNet's mean/std); class weights start fresh. Raises
+    FileNotFoundError, :class:`~sg_train.weights_io.WeightsFileError` for an unreadable file
+    and :class:`~sg_train.weights_io.WeightsMismatchError` for one that does not fit, before any
     tensor is copied.
+
+    Returns ``{"path", "source": "sg-train" | "cvnet", "model_tensors", "class_weights": account,
+    "copied": [...], "new": [...]}`` and logs the account.
     """
-    checkpoint = read_lightning_checkpoint(path)
-    what = f"checkpoint {path}"
-    check_configured_as_stored(module.model, checkpoint, what)
-    state = checkpoint["state_dict"]
-    model_state = split_state_dict(state, MODEL_PREFIX)
-    check_exact_fit(module.model, model_state, what)
-    module.model.load_state_dict(model_state)
-    account = transfer_class_weights(
-        module.loss_fn, split_state_dict(state, LOSS_PREFIX), stored_landmark_ids(checkpoint), target_landmark_ids
-    )
-    rank_zero_info(f"init_from {path}: embedding model loaded ({len(model_state)} tensors); {account}")
-    return {"path": str(path), "model_tensors": len(model_state), "class_weights": account}
+    if class_transfer not in CLASS_TRANSFERS:
+        raise OptionError(f"class_transfer must be one of {CLASS_TRANSFERS}, got {class_transfer!r}")
+    checkpoint = load_torch_file(path, what="checkpoint", expected=CHECKPOINT_CONTENT, weights_only=False)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_state"), dict) and "state_dict" not in checkpoint:
+        report = _load_cvnet(module, checkpoint["model_state"], path)
+    else:
+        checkpoint = as_lightning_checkpoint(checkpoint, path)
+        what = f"checkpoint {path}"
+        check_configured_as_stored(module.model, checkpoint, what)
+        state = checkpoint["state_dict"]
+        model_state = split_state_dict(state, MODEL_PREFIX)
+        check_exact_fit(module.model, model_state, what)
+        module.model.load_state_dict(model_state)
+        if class_transfer == "landmark_id":
+            keys = (stored_landmark_ids(checkpoint), target_landmark_ids)
+        else:
+            keys = (stored_class_names(checkpoint), target_class_names)
+        transfer = transfer_class_weights(module.loss_fn, split_state_dict(state, LOSS_PREFIX), *keys, by=class_transfer)
+        report = {"source": "sg-train", "model_tensors": len(model_state), **transfer}
+    report = {"path": str(path), **report, "class_weights": report.pop("account")}
+    rank_zero_info(f"init_from {path}: embedding model loaded ({report['model_tensors']} tensors); "
+                   f"{report['class_weights']}")
+    return report
+
+
+def _load_cvnet(module: nn.Module, model_state: dict[str, torch.Tensor], path: str | Path) -> dict[str, Any]:
+    """Load CVNet weights into ``module.model`` configured as the file's model (else refuse, naming values)."""
+    configured = module.model.config
+    depth = {"resnet50": 50, "resnet101": 101}.get(configured["backbone"])
+    if depth is None:
+        raise WeightsMismatchError(f"{path} holds CVNet (pycls ResNet-50/101) weights; model.backbone is "
+                                   f"{configured['backbone']!r}: set model.backbone to resnet50 or resnet101")
+    fixed = {"backbone", "embedding_dim", "input_format", "mean", "std", "format", "version"}
+    options = {k: v for k, v in model_config_arguments(configured).items() if k not in fixed}
+    try:
+        loaded = cvnet_state_dict_to_embedding_model(model_state, depth, **options)
+    except WeightsMismatchError as exc:
+        raise WeightsMismatchError(f"{path}: {exc}") from exc
+    differences = config_differences(model_config_arguments(loaded.config), model_config_arguments(configured),
+                                     ignore=FREE_WHEN_LOADING)
+    if differences:
+        raise WeightsMismatchError(
+            f"{path} holds a CVNet model the configured one is not (nothing was loaded): " + "; ".join(differences)
+            + ". CVNet takes BGR input: set model.model_options.input_format=bgr, mean="
+            f"{list(CVNET_MEAN_BGR)}, std={list(CVNET_STD_BGR)}, and model.embedding_dim to its FC size"
+        )
+    state = loaded.state_dict()
+    check_exact_fit(module.model, state, f"CVNet weights {path}")
+    module.model.load_state_dict(state)
+    return {"source": "cvnet", "model_tensors": len(state), "copied": [], "new": [],
+            "account": "class weights: initialised fresh (CVNet weights have no class weights)"}

@@ -1,7 +1,7 @@
 """The LightningModule: an :class:`EmbeddingModel` trained with a margin loss over class weights."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -9,7 +9,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from sg_train.finetune import check_configured_as_stored, load_finetune_weights
+from sg_train.errors import OptionError
+from sg_train.finetune import CLASS_TRANSFERS, check_configured_as_stored, load_finetune_weights
 from sg_train.losses import build_loss
 from sg_train.metrics import HeldOutClassification
 from sg_train.model import EmbeddingModel
@@ -39,17 +40,22 @@ class LandmarkRetrievalModule(pl.LightningModule):
             ``dynamic_arcface``, ``madacos``); ``loss_options`` its keyword arguments.
         class_counts: training images per class (linked from the datamodule; used by per-class
             dynamic margins, not stored in the hyper-parameters).
-        landmark_ids: the original landmark id of each class, in class order (the label map; linked
-            from the datamodule, not a hyper-parameter): stored in every checkpoint, and used by
-            ``init_from`` to carry class weights over by landmark.
+        landmark_ids: the original landmark id of each class, in class order (the GLDv2 label map;
+            linked from the datamodule, not a hyper-parameter): stored in every checkpoint, and used
+            by ``init_from`` with ``class_transfer="landmark_id"``.
+        class_names: the name of each class, in class order (your own photos' classes; linked from
+            the datamodule, not a hyper-parameter): stored in every checkpoint, and used by
+            ``init_from`` to carry class weights over by name.
         optimizer: optimizer factory, called with the parameter groups.
         backbone_lr_mult: the backbone's learning rate relative to the head's and the loss's.
         warmup: linear warm-up length, in optimizer steps (>= 1) or as a fraction of the run (< 1).
         min_lr_ratio: the cosine schedule's final learning rate relative to the peak.
-        init_from: an sg-train checkpoint to start from (fine-tuning): the configured embedding model
-            must be the checkpoint's (its stored configuration) and its weights must fit; class
-            weights are kept only where they fit the new class set (see
-            :func:`sg_train.finetune.load_finetune_weights`).
+        init_from: an sg-train or CVNet checkpoint to start from (fine-tuning): the configured
+            embedding model must be the file's (its stored configuration) and its weights must fit
+            (see :func:`sg_train.finetune.load_finetune_weights`).
+        class_transfer: how ``init_from``'s class weights reach this run's classes: "name" (classes
+            of the same name), "landmark_id" (GLDv2 landmark ids) or "none" (all fresh). The log
+            lists the classes copied and the new ones.
         channels_last: keep weights and images in NHWC memory layout (faster convolutions on
             recent GPUs with AMP, and on CPU with oneDNN).
     """
@@ -67,16 +73,24 @@ class LandmarkRetrievalModule(pl.LightningModule):
         loss_options: dict[str, Any] | None = None,
         class_counts: list[int] | None = None,
         landmark_ids: list[int] | None = None,
+        class_names: list[str] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         backbone_lr_mult: float = 1.0,
         warmup: float = 0.0,
         min_lr_ratio: float = 0.0,
         init_from: str | None = None,
+        class_transfer: Literal["name", "landmark_id", "none"] = "name",
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["class_counts", "landmark_ids", "optimizer"])
+        self.save_hyperparameters(ignore=["class_counts", "landmark_ids", "class_names", "optimizer"])
         self.landmark_ids = None if landmark_ids is None else [int(i) for i in landmark_ids]
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
+        for what, labels in (("landmark_ids", self.landmark_ids), ("class_names", self.class_names)):
+            if labels is not None and len(labels) != num_classes:
+                raise OptionError(f"{len(labels)} {what} for num_classes={num_classes}; they describe the classes in order")
+        if class_transfer not in CLASS_TRANSFERS:
+            raise OptionError(f"class_transfer must be one of {CLASS_TRANSFERS}, got {class_transfer!r}")
         self._schedule_total_steps: int | None = None  # optimizer steps of the schedule built for this run
         self._resumed_schedule: tuple[int | None, int] = (None, 0)  # (the checkpoint's schedule length, its step)
         self.model = EmbeddingModel(
@@ -104,11 +118,15 @@ class LandmarkRetrievalModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.init_from and self.finetune_report is None:
-            self.finetune_report = load_finetune_weights(self, self.hparams.init_from, self.landmark_ids)
+            self.finetune_report = load_finetune_weights(
+                self, self.hparams.init_from, target_landmark_ids=self.landmark_ids,
+                target_class_names=self.class_names, class_transfer=self.hparams.class_transfer,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         write_checkpoint_record(
-            checkpoint, model_config=self.model.config, landmark_ids=self.landmark_ids, protocol=self._protocol_name()
+            checkpoint, model_config=self.model.config, landmark_ids=self.landmark_ids, class_names=self.class_names,
+            protocol=self._protocol_name(),
         )
         checkpoint[SCHEDULE_KEY] = {"total_steps": self._schedule_total_steps}
 

@@ -41,6 +41,7 @@ __all__ = [
     "MODEL_PREFIX",
     "WeightsFileError",
     "WeightsMismatchError",
+    "as_lightning_checkpoint",
     "check_exact_fit",
     "describe_keys",
     "load_torch_file",
@@ -49,6 +50,7 @@ __all__ = [
     "read_state_dict",
     "split_state_dict",
     "state_dict_mismatches",
+    "stored_class_names",
     "stored_landmark_ids",
     "stored_model_config",
     "write_checkpoint_record",
@@ -179,7 +181,13 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
     or not a Lightning checkpoint (its size, or the keys it holds).
     """
     path = Path(path)
-    checkpoint = load_torch_file(path, what="checkpoint", expected=CHECKPOINT_CONTENT, weights_only=False)
+    return as_lightning_checkpoint(load_torch_file(path, what="checkpoint", expected=CHECKPOINT_CONTENT,
+                                                   weights_only=False), path)
+
+
+def as_lightning_checkpoint(checkpoint: object, path: str | Path) -> dict[str, Any]:
+    """``checkpoint`` (loaded from ``path``) when it is a Lightning checkpoint, else
+    :class:`WeightsFileError` naming the keys it holds."""
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         keys = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise WeightsFileError(
@@ -201,17 +209,20 @@ def write_checkpoint_record(
     model_config: Mapping[str, Any],
     landmark_ids: Iterable[int] | None,
     protocol: str | None,
+    class_names: Iterable[str] | None = None,
 ) -> None:
     """Store the record that describes an sg-train checkpoint under ``checkpoint["sg_train"]``.
 
     ``model_config``: :attr:`EmbeddingModel.config <sg_train.model.EmbeddingModel.config>` (plain
     values, with its own format name and version); ``landmark_ids``: the original landmark id of
-    each class, in class order (None when the data has none); ``protocol``: the name of the
-    retrieval protocol the run is validated with (None without one).
+    each class, in class order (None when the data has none); ``class_names``: the name of each
+    class, in class order (None when the data has none); ``protocol``: the name of the retrieval
+    protocol the run is validated with (None without one).
     """
     checkpoint[CHECKPOINT_RECORD_KEY] = {
         "model": dict(model_config),
         "landmark_ids": None if landmark_ids is None else [int(i) for i in landmark_ids],
+        "class_names": None if class_names is None else [str(n) for n in class_names],
         "protocol": protocol,
     }
 
@@ -248,6 +259,14 @@ def stored_landmark_ids(checkpoint: Mapping[str, Any]) -> list[int] | None:
         if isinstance(value, Mapping) and value.get("landmark_ids") is not None:
             return [int(i) for i in value["landmark_ids"]]
     return None
+
+
+def stored_class_names(checkpoint: Mapping[str, Any]) -> list[str] | None:
+    """The class names (in class order) an sg-train checkpoint stores; None when it has none
+    (GLDv2 runs, and checkpoints written before sg-train stored them)."""
+    record = _record(checkpoint)
+    names = record.get("class_names") if record is not None else None
+    return None if names is None else [str(n) for n in names]
 
 
 # ---------------------------------------------------------------------------------- fitting

@@ -1,18 +1,24 @@
-"""One call from descriptors to the Revisited numbers, with and without SuperGlobal reranking,
-and the paper-style table. Reused by evaluate.py and the training-time validation callback."""
+"""One call from descriptors to the numbers, with and without SuperGlobal reranking: the Revisited
+E/M/H mAP against a ground truth (``evaluate_descriptors``) or the labelled-set metrics of
+pytorch-metric-learning (``evaluate_labelled``), and the paper-style table. Reused by evaluate.py
+and the training-time validation callback."""
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from ._checks import RetrievalInputError
 from .faiss_search import faiss_search
+from .labelled_metrics import labelled_retrieval_metrics, required_rank_columns
 from .rerank import check_rerank_params, superglobal_rerank
 from .revisited_map import revisited_map_topk
+from .search import search
 from .tail import check_against_gnd, search_with_tail, tail_positions
 
-__all__ = ["evaluate_descriptors", "format_results_table", "BACKENDS"]
+__all__ = ["evaluate_descriptors", "evaluate_labelled", "format_results_table", "BACKENDS"]
 
 BACKENDS = ("torch", "faiss")
 
@@ -65,27 +71,78 @@ def evaluate_descriptors(Q, X, gnd, *, rerank: bool = True, M: int = 400, K: int
     return out
 
 
+def _without_self(idx: torch.Tensor, self_id: torch.Tensor) -> torch.Tensor:
+    """``idx`` (nq, k) with each query's own gallery index (``self_id``, -1: none) taken out of its
+    row; rows that do not hold it lose their last column instead. Returns (nq, k - 1)."""
+    keep = idx != self_id.to(idx.device).unsqueeze(1)
+    missing = keep.all(dim=1)
+    keep[missing, -1] = False
+    return idx[keep].view(idx.shape[0], idx.shape[1] - 1)
+
+
+def evaluate_labelled(Q, X, query_labels, gallery_labels, *, query_gallery_ids=None, ks: Sequence[int] = (1, 5, 10),
+                      rerank: bool = True, M: int = 400, K: int = 9, beta: float = 0.15) -> dict[str, Any]:
+    """Labelled-set retrieval metrics of ``Q`` (nq, D) against ``X`` (n, D), before and after reranking.
+
+    Relevance is label equality (``query_labels`` (nq,), ``gallery_labels`` (n,), integers).
+    ``query_gallery_ids`` (nq,): the gallery row of each query's own image, -1 where it is not in
+    the gallery; a query is taken out of its own ranking *before* reranking, so that SuperGlobal's
+    neighbourhood never includes the query itself (leave-one-out). The exact search keeps the top
+    ``required_rank_columns`` items (MAP@R needs the top R of every query) and at least M when
+    reranking; the reranked ranking is scored the same way.
+
+    Returns ``{"metrics": {...}, "rerank_metrics": {...}}`` (the latter with ``rerank``), each
+    :func:`~sg_train.retrieval.labelled_metrics.labelled_retrieval_metrics`' dict: precision@1,
+    recall@k, mAP@k (pytorch-metric-learning's), MAP@R, R-precision in [0, 1] and
+    num_queries_scored. Raises :class:`RetrievalInputError` for bad inputs or when no query has
+    a relevant gallery item.
+    """
+    n = int(X.shape[0])
+    ids = None if query_gallery_ids is None else torch.as_tensor(query_gallery_ids, dtype=torch.long)
+    in_gallery = ids is not None and bool((ids >= 0).any())
+    needed = required_rank_columns(query_labels, gallery_labels, ks, query_gallery_ids=ids)
+    if rerank:
+        check_rerank_params(n - int(in_gallery), M, K, beta)
+        needed = max(needed, M + int(in_gallery))
+    idx, _ = search(Q, X, min(n, needed))
+    if in_gallery:
+        idx = _without_self(idx, ids)
+    score = {"ks": ks, "query_gallery_ids": ids}
+    out = {"metrics": labelled_retrieval_metrics(idx, query_labels, gallery_labels, **score)}
+    if rerank:
+        reranked = superglobal_rerank(Q, X, idx, M=M, K=K, beta=beta)
+        out["rerank_metrics"] = labelled_retrieval_metrics(reranked, query_labels, gallery_labels, **score)
+    return out
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:7.2f}" if v is not None and not math.isnan(v) else f"{'n/a':>7}"
 
 
 def format_results_table(results: Mapping[str, Mapping[str, Any]], *,
                          rerank_label: str = "+ SuperGlobal rerank") -> str:
-    """The paper's layout: one block per dataset, E/M/H mAP in %, without and with reranking.
+    """The paper's layout: one block per dataset, values in %, without and with reranking.
 
-    ``results`` maps a dataset name to an ``evaluate_descriptors`` result, e.g.::
+    ``results`` maps a dataset name to an ``evaluate_descriptors`` result (columns E/M/H mAP) or
+    an ``evaluate_labelled`` one (columns: its metrics), e.g.::
 
         roxford5k                   E       M       H
           global descriptor     84.10   67.20   44.30
           + SuperGlobal rerank  88.90   75.10   57.80
     """
-    labels = {"mAP": "global descriptor", "rerank_mAP": rerank_label}
+    labels = {"mAP": "global descriptor", "rerank_mAP": rerank_label,
+              "metrics": "global descriptor", "rerank_metrics": rerank_label}
     width = 2 + max([len(label) + 2 for label in labels.values()] + [len(name) for name in results])
     blocks = []
     for name, res in results.items():
-        lines = [f"{name:<{width}}" + " ".join(f"{p:>7}" for p in "EMH")]
+        if "metrics" in res:
+            columns = [c for c in res["metrics"] if c != "num_queries_scored"]
+        else:
+            columns = list("EMH")
+        cell = max(7, *(len(c) for c in columns))
+        lines = [f"{name:<{width}}" + " ".join(f"{c:>{cell}}" for c in columns)]
         for key, label in labels.items():
             if key in res:
-                lines.append(f"  {label:<{width - 2}}" + " ".join(_pct(res[key].get(p)) for p in "EMH"))
+                lines.append(f"  {label:<{width - 2}}" + " ".join(f"{_pct(res[key].get(c)):>{cell}}" for c in columns))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
