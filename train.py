@@ -80,7 +80,6 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("data.class_counts", "model.class_counts", compute_fn=_as_list, apply_on="instantiate")
         parser.link_arguments("data.landmark_ids", "model.landmark_ids", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.set_defaults({"data": {"class_path": "datamodules.gldv2.GLDv2DataModule"}})  # GLDv2 unless told
         parser.add_lightning_class_args(SkippedImagesReport, "skipped_images")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:

@@ -113,7 +113,7 @@ def _train_py(tmp_path: Path, *python: str) -> subprocess.CompletedProcess:
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     config["trainer"].update(default_root_dir=str(tmp_path / "run"), logger=False, callbacks=[])
     config["model"].update(backbone="resnet18", embedding_dim=16)
-    config["data"].update(data_root=str(tmp_path / "no-such-folder"), num_workers=0)
+    config["data"]["init_args"].update(data_root=str(tmp_path / "no-such-folder"), num_workers=0)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     argv = ["train.py", "fit", "--config", str(tmp_path / "config.yaml")]
     script = "\n".join(["import runpy, sys", *python, f"sys.argv = {argv!r}", "runpy.run_path('train.py', run_name='__main__')"])

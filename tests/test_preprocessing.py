@@ -23,7 +23,7 @@ def build(tmp_path, data, **model_options):
     config["trainer"]["callbacks"][1]["init_args"].update(data_root=str(data / "revisited"), progress=False)
     config["model"].update(backbone=TINY_NON_IMAGENET, head="gem", embedding_dim=16, channels_last=False,
                            model_options=model_options or None)
-    config["data"].update(data_root=str(data / "gldv2"), image_size=32, batch_size=4, num_workers=0, val_fraction=0.2)
+    config["data"]["init_args"].update(data_root=str(data / "gldv2"), image_size=32, batch_size=4, num_workers=0, val_fraction=0.2)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

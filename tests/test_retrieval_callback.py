@@ -80,7 +80,7 @@ def test_ddp_two_processes_give_the_single_process_numbers_exactly(synthetic_dat
         {"class_path": "ddp_probe.RecordRetrievalMetrics", "init_args": {"out_dir": str(tmp_path / "probe")}},
     ]
     config["model"].update(backbone="resnet18", embedding_dim=32, head="rgem+gemp+sgem")
-    config["data"].update(data_root=str(synthetic_data / "gldv2"), image_size=64, batch_size=8, num_workers=0)
+    config["data"]["init_args"].update(data_root=str(synthetic_data / "gldv2"), image_size=64, batch_size=8, num_workers=0)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = child_env()

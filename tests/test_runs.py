@@ -36,7 +36,7 @@ def demo_config(tmp_path: Path, data: Path, *, retrieval: dict | None = None, **
         callbacks[1]["init_args"].update(data_root=str(data / "revisited"), batch_size=8, progress=False,
                                          every_n_epochs=1, scales=[1.0], **retrieval)
     config["model"].update(backbone="resnet18", embedding_dim=32)
-    config["data"].update(data_root=str(data / "gldv2"), image_size=64, batch_size=8, num_workers=0, val_fraction=0.2)
+    config["data"]["init_args"].update(data_root=str(data / "gldv2"), image_size=64, batch_size=8, num_workers=0, val_fraction=0.2)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

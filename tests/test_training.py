@@ -32,7 +32,7 @@ def write_config(tmp_path: Path, data_root: Path, **model_changes) -> Path:
     trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     trainer["callbacks"][0]["init_args"].update(monitor=None, filename="step{step}")
     config["model"].update(backbone="resnet18", embedding_dim=32, **model_changes)
-    config["data"].update(
+    config["data"]["init_args"].update(
         data_root=str(data_root / "gldv2"), image_size=64, batch_size=8, num_workers=0, val_fraction=0.2
     )
     path = tmp_path / "config.yaml"

@@ -71,13 +71,12 @@ def evaluate_descriptors(Q, X, gnd, *, rerank: bool = True, M: int = 400, K: int
     return out
 
 
-def _without_self(idx: torch.Tensor, self_id: torch.Tensor) -> torch.Tensor:
-    """``idx`` (nq, k) with each query's own gallery index (``self_id``, -1: none) taken out of its
-    row; rows that do not hold it lose their last column instead. Returns (nq, k - 1)."""
+def _split_self(idx: torch.Tensor, self_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept (nq, k - 1), removed (nq,))``: each row of ``idx`` (nq, k) without the query's own
+    gallery index (``self_id``, -1: none); a row that does not hold it gives up its last column."""
     keep = idx != self_id.to(idx.device).unsqueeze(1)
-    missing = keep.all(dim=1)
-    keep[missing, -1] = False
-    return idx[keep].view(idx.shape[0], idx.shape[1] - 1)
+    keep[keep.all(dim=1), -1] = False
+    return idx[keep].view(idx.shape[0], idx.shape[1] - 1), idx[~keep]
 
 
 def evaluate_labelled(Q, X, query_labels, gallery_labels, *, query_gallery_ids=None, ks: Sequence[int] = (1, 5, 10),
@@ -105,12 +104,14 @@ def evaluate_labelled(Q, X, query_labels, gallery_labels, *, query_gallery_ids=N
         check_rerank_params(n - int(in_gallery), M, K, beta)
         needed = max(needed, M + int(in_gallery))
     idx, _ = search(Q, X, min(n, needed))
-    if in_gallery:
-        idx = _without_self(idx, ids)
     score = {"ks": ks, "query_gallery_ids": ids}
     out = {"metrics": labelled_retrieval_metrics(idx, query_labels, gallery_labels, **score)}
     if rerank:
-        reranked = superglobal_rerank(Q, X, idx, M=M, K=K, beta=beta)
+        if in_gallery:  # rerank without the query itself, then hand it back at the end (the metrics skip it)
+            kept, removed = _split_self(idx, ids)
+            reranked = torch.cat([superglobal_rerank(Q, X, kept, M=M, K=K, beta=beta), removed.unsqueeze(1)], dim=1)
+        else:
+            reranked = superglobal_rerank(Q, X, idx, M=M, K=K, beta=beta)
         out["rerank_metrics"] = labelled_retrieval_metrics(reranked, query_labels, gallery_labels, **score)
     return out
 
