@@ -41,7 +41,7 @@ from sg_train.retrieval import (
 from sg_train.run_folder import CHECKPOINT_DIR, LAST_CHECKPOINT, RESULTS_FILE
 
 RESULTS_FORMAT = "sg-train/retrieval-results"
-RESULTS_VERSION = 3  # 3: every evaluation records its "eval_protocol"
+RESULTS_VERSION = 4  # 3: every evaluation records its "eval_protocol"; 4: stage "untrained" is "before_training"
 
 
 class RetrievalEvaluationError(RuntimeError):
@@ -104,7 +104,8 @@ class RetrievalEvalCallback(Callback):
         rerank: also rank with SuperGlobal reranking (``M``, ``K``, ``beta``).
         max_size: longest image side after shrinking; None: the protocol's (full size); a cap
             makes the protocol "custom".
-        evaluate_before_training: also evaluate the untrained model when fitting starts.
+        evaluate_before_training: also evaluate the model as fitting starts, before any step (the
+            untrained model, or the starting checkpoint of a fine-tuning run): stage "before_training".
 
     Raises :class:`~sg_train.eval_protocols.ProtocolError` at construction for an unknown protocol
     or bad scales/max_size, and at setup when the protocol fixes colours the model contradicts.
@@ -112,11 +113,11 @@ class RetrievalEvalCallback(Callback):
     During ``fit`` every evaluation is appended to ``<run folder>/results.json``
     (``trainer.default_root_dir``)::
 
-        {"format": "sg-train/retrieval-results", "version": 3,
-         "evaluations": [{"stage": "untrained" | "trained", "epoch": e, "global_step": s,
+        {"format": "sg-train/retrieval-results", "version": 4,
+         "evaluations": [{"stage": "before_training" | "trained", "epoch": e, "global_step": s,
                           "eval_protocol": {"name", "base", "bbx_rounding", "scales", ...},
                           "mAP": {E, M, H}, "rerank_mAP": {...}, "per_dataset": {name: {...}}}, ...],
-         "untrained": <its evaluation>, "trained": <the latest trained evaluation>}
+         "before_training": <its evaluation>, "trained": <the latest trained evaluation>}
 
     (top-level numbers averaged over datasets, in [0, 1]; a protocol without any query that has
     positives is ``null``). Each evaluation also prints one line per dataset.
@@ -213,8 +214,8 @@ class RetrievalEvalCallback(Callback):
         if self.evaluate_before_training and trainer.global_step == 0:
             results = self._evaluate_guarded(trainer, pl_module)
             if trainer.logger is not None:
-                trainer.logger.log_metrics(self._metrics(results, prefix="retrieval_untrained"), step=0)
-            self._record("untrained", results, trainer)
+                trainer.logger.log_metrics(self._metrics(results, prefix="retrieval_before_training"), step=0)
+            self._record("before_training", results, trainer)
         elif self.history:  # resumed: the results file holds exactly the checkpoint's history
             self._write_results(trainer)
 
@@ -320,7 +321,7 @@ class RetrievalEvalCallback(Callback):
                                                                   "evaluations": self.history, **self._latest_by_stage()})
 
     def _latest_by_stage(self) -> dict[str, dict[str, Any]]:
-        """``{"untrained": ..., "trained": ...}``: the last evaluation of each stage, untrained first."""
+        """``{"before_training": ..., "trained": ...}``: the last evaluation of each stage, in that order."""
         return {entry["stage"]: entry for entry in self.history}
 
 

@@ -49,8 +49,8 @@ def test_fit_without_validation_split_evaluates_before_and_after_training_and_wr
     )
     trainer.fit(tiny_module(datamodule.num_classes), datamodule)
     results = json.loads(results_file.read_text())
-    assert [(e["stage"], e["epoch"], e["global_step"]) for e in results["evaluations"]] == [("untrained", 0, 0), ("trained", 0, 2)]
-    assert results["untrained"] == results["evaluations"][0] and results["trained"] == results["evaluations"][1]
+    assert [(e["stage"], e["epoch"], e["global_step"]) for e in results["evaluations"]] == [("before_training", 0, 0), ("trained", 0, 2)]
+    assert results["before_training"] == results["evaluations"][0] and results["trained"] == results["evaluations"][1]
     for stage in results["evaluations"]:
         assert set(stage["mAP"]) == set("EMH") and set(stage["rerank_mAP"]) == set("EMH")
         assert stage["mAP"] == stage["per_dataset"]["rsynth"]["mAP"]  # one data set: the mean is its value

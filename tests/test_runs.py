@@ -234,7 +234,7 @@ def test_sigkill_then_resume_loses_nothing_and_reproduces_the_uninterrupted_run(
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     history = [json.loads((run / "results.json").read_text())["evaluations"] for run in (straight, crashed)]
-    assert [(e["stage"], e["epoch"]) for e in history[1]] == [("untrained", 0), ("trained", 0), ("trained", 1), ("trained", 2)]
+    assert [(e["stage"], e["epoch"]) for e in history[1]] == [("before_training", 0), ("trained", 0), ("trained", 1), ("trained", 2)]
     assert history[0] == history[1]
     runs = sorted(crashed.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 2 and len({p.stem for p in runs}) == 1  # the resumed part continues the same W&B run
