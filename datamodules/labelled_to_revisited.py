@@ -1,0 +1,118 @@
+"""Turn labelled photos (class folders or an OML-style CSV) into a Revisited-format benchmark, so
+``evaluate.py`` (E/M/H mAP, SuperGlobal rerank, R1M distractors) can score a model on them.
+
+::
+
+    python -m datamodules.labelled_to_revisited --images "My Photos" --out data/mine --name myphotos
+    python evaluate.py --checkpoint runs/finetune/checkpoints/last.ckpt --data-root data/mine --datasets myphotos
+
+Which images: by default the held-out split that training uses (the same split file, so the
+benchmark holds only images the model was not trained on); ``--all`` takes every image. Every
+chosen image is in the database; the queries are the ones marked ``is_query`` (all when the data
+does not say). A query's positives ("easy") are the other database images of its class; its own
+database entry is "junk" (ignored by the Revisited mAP), which makes the benchmark leave-one-out.
+Query boxes are the CSV's boxes, else the whole image. Images are linked (``--copy``: copied)
+as ``<out>/<name>/jpg/<imname>.jpg`` (``imname`` = ``000000``, ``000001``, ...; any format: the
+reader decodes by content), and ``<out>/<name>/images.tsv`` maps each name to its file and class.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sg_train.errors import is_user_error, one_line
+from sg_train.files import atomic_write
+from sg_train.synthetic.writers import write_revisited_gnd
+
+from .labelled_index import LabelledDataError, LabelledImages, load_held_out_split, read_class_folders, read_labelled_csv
+from .revisited import read_image_sizes
+
+__all__ = ["write_revisited_benchmark"]
+
+
+def write_revisited_benchmark(data: LabelledImages, rows: np.ndarray, out: str | os.PathLike, name: str, *,
+                              copy: bool = False, overwrite: bool = False) -> Path:
+    """Write the images ``rows`` of ``data`` as the Revisited data set ``<out>/<name>`` (module docstring).
+
+    Returns the ground-truth path. Raises :class:`LabelledDataError` when ``<out>/<name>`` exists
+    (without ``overwrite``), when no query has another image of its class, or for an unreadable
+    image (naming it).
+    """
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise LabelledDataError(f"--name must be a plain name (letters, digits, _ or -), got {name!r}")
+    folder = Path(out) / name
+    if folder.exists():
+        if not overwrite:
+            raise LabelledDataError(f"{folder} exists; choose another --name or --out, or pass --overwrite to replace it")
+        shutil.rmtree(folder)
+    rows = np.asarray(rows, dtype=np.int64)
+    labels = data.labels[rows]
+    is_query = np.ones(len(rows), bool) if data.is_query is None else data.is_query[rows]
+    paths = [os.path.abspath(data.path(i)) for i in rows]
+    sizes, errors = read_image_sizes(paths)
+    if errors:
+        k = min(errors)
+        raise LabelledDataError(f"cannot read image {paths[k]!r}: {errors[k]}")
+    imlist = [f"{k:06d}" for k in range(len(rows))]
+    qimlist, gnd = [], []
+    for k in np.flatnonzero(is_query):
+        same = np.flatnonzero(labels == labels[k])
+        if len(same) < 2:
+            continue  # no other image of its class: no positive to find
+        box = data.boxes[rows[k]] if data.boxes is not None and not np.isnan(data.boxes[rows[k]]).any() else None
+        height, width = (int(v) for v in sizes[k])
+        qimlist.append(imlist[k])
+        gnd.append({"bbx": list(box) if box is not None else [0.0, 0.0, float(width), float(height)],
+                    "easy": [int(j) for j in same if j != k], "hard": [], "junk": [int(k)]})
+    if not gnd:
+        raise LabelledDataError(f"{data.source}: no query has another image of its class among the {len(rows)} "
+                                "images chosen; hold out more images or use --all")
+    (folder / "jpg").mkdir(parents=True)
+    for imname, path in zip(imlist, paths):
+        target = folder / "jpg" / f"{imname}.jpg"
+        shutil.copyfile(path, target) if copy else target.symlink_to(path)
+    table = "".join(f"{imname}\t{data.paths[i]}\t{data.class_names[data.labels[i]]}\n" for imname, i in zip(imlist, rows))
+    atomic_write(folder / "images.tsv", lambda fh: fh.write(("imname\tpath\tclass\n" + table).encode("utf-8")))
+    return write_revisited_gnd(out, name, imlist, qimlist, gnd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m datamodules.labelled_to_revisited", description=__doc__.split("\n")[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="DIR", help="folder of class folders: <DIR>/<class>/<image>")
+    source.add_argument("--csv", metavar="FILE", help="OML-style CSV: path,label[,split,is_query,is_gallery,x_1,...]")
+    p.add_argument("--image-root", metavar="DIR", help="folder the CSV's relative paths start from (default: its folder)")
+    p.add_argument("--out", required=True, metavar="DIR", help="Revisited root: writes <out>/<name>/")
+    p.add_argument("--name", required=True, help="data set name (evaluate.py --datasets NAME)")
+    p.add_argument("--all", action="store_true", help="every image, not only the held-out split")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction, as data.val_fraction (0.2)")
+    p.add_argument("--seed", type=int, default=0, help="held-out seed, as data.seed (0)")
+    p.add_argument("--split-file", metavar="FILE", help="the held-out split file, as data.split_file")
+    p.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<name>")
+    a = p.parse_args(argv)
+    try:
+        data = read_labelled_csv(a.csv, a.image_root) if a.csv else read_class_folders(a.images)
+        if a.all:
+            rows = np.arange(len(data))
+        elif data.split is not None:
+            rows = np.flatnonzero(data.split)
+        else:
+            rows = np.flatnonzero(load_held_out_split(data, a.val_fraction, a.seed, a.split_file)[0])
+        gnd = write_revisited_benchmark(data, rows, a.out, a.name, copy=a.copy, overwrite=a.overwrite)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"wrote {gnd} ({len(rows)} database images) and {gnd.parent / 'jpg'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
