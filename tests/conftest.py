@@ -16,6 +16,9 @@ os.environ.update(
     NO_ALBUMENTATIONS_UPDATE="1",
     WANDB_MODE="offline",
     WANDB_SILENT="true",
+    # OpenMP threads sleep instead of spinning while they wait: on a machine shared with other
+    # processes (CI, DDP children, DataLoader workers) spinning threads starve each other.
+    OMP_WAIT_POLICY="PASSIVE",
     **dict.fromkeys(("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"), _WANDB_HOME),
 )
 
