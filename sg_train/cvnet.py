@@ -14,6 +14,13 @@ CVNet's correlation re-ranker and are not part of the global descriptor) or
     head.pool.p                         -> head.pool.p   (GeM p; unused with GeM+/avg/max)
     head.fc (2048 -> 2048, bias)        -> fc
 
+The writer goes the other way (:func:`timm_to_pycls_key`, :func:`embedding_model_to_cvnet_state_dict`,
+:func:`write_cvnet_weights`): an sg-train ResNet-50/101 becomes a ``{"model_state": {"encoder_q.<pycls
+key>": ...}}`` file that this module's loader and SuperGlobal's ``core/checkpoint.py``
+``load_checkpoint`` read (the latter copies every key whose name and shape match its
+``CVNet_Rerank`` and silently keeps its own initialisation for the rest, so the file carries every
+key of the global model).
+
 The architecture facts behind the map were checked in the published code (pycls
 ``model/resnet.py`` in CVNet and SuperGlobal): STRIDE_1X1 = False (stride on the 3x3 like
 timm), BN eps 1e-5, a projection shortcut (1x1 conv + BN) on the first block of each stage,
@@ -34,15 +41,19 @@ ResNet-50 file read as depth 101 misses ``s3.b7`` ... ``s3.b23``).
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import re
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor
 
 from .backbone import load_backbone_weights
 from .errors import OptionError
+from .files import atomic_write
 from .model import EmbeddingModel
 from .pooling.gem import GeM
 from .weights_io import WeightsMismatchError, describe_keys, natural_key, read_state_dict
@@ -53,9 +64,15 @@ __all__ = [
     "CVNET_PREFIXES",
     "STAGE_DEPTHS",
     "pycls_to_timm_key",
+    "timm_to_pycls_key",
     "expected_pycls_keys",
     "cvnet_state_dict_to_embedding_model",
     "load_cvnet_weights",
+    "check_cvnet_convertible",
+    "cvnet_depth",
+    "cvnet_pool_p",
+    "embedding_model_to_cvnet_state_dict",
+    "write_cvnet_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +91,11 @@ _FEATURES = 2048  # channels of a ResNet-50/101 last stage
 _CONV = {"a": "conv1", "b": "conv2", "c": "conv3"}
 _BN = {"a_bn": "bn1", "b_bn": "bn2", "c_bn": "bn3"}
 _PYCLS_BLOCK = re.compile(r"^s(\d+)\.b(\d+)\.(.+)$")
+#: per-colour statistics the two normalisations are compared with (decimal literals written in
+#: different places)
+_COLOUR_TOLERANCE = 1e-6
+#: CVNet's GeM p before training (pycls ``GlobalHead(pp=3)``), written when the head has no p
+_PYCLS_INIT_P = 3.0
 
 
 def pycls_to_timm_key(key: str) -> str | None:
@@ -95,6 +117,18 @@ def pycls_to_timm_key(key: str) -> str | None:
     else:
         name = {"proj": "downsample.0", "bn": "downsample.1"}.get(head)
     return f"layer{stage}.{block - 1}.{name}.{leaf}" if name else None
+
+
+def timm_to_pycls_key(key: str) -> str | None:
+    """pycls name of a timm ResNet-50/101 backbone key (``None`` if it is not one), e.g.
+    ``layer3.5.conv2.weight`` -> ``s3.b6.f.b.weight``: :func:`pycls_to_timm_key` inverted over the
+    keys of :func:`expected_pycls_keys`, so the map has one home."""
+    return _timm_to_pycls().get(key)
+
+
+@functools.cache
+def _timm_to_pycls() -> dict[str, str]:
+    return {pycls_to_timm_key(key): key for depth in STAGE_DEPTHS for key in expected_pycls_keys(depth)}
 
 
 def _check_depth(depth: int) -> None:
@@ -244,3 +278,119 @@ def load_cvnet_weights(
         return cvnet_state_dict_to_embedding_model(state, depth, **model_options)
     except WeightsMismatchError as exc:
         raise WeightsMismatchError(f"{path}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------- writing
+def cvnet_depth(backbone: str) -> int:
+    """The pycls depth (50 or 101) of a timm backbone name that CVNet's layout can hold.
+
+    ``resnet50`` / ``resnet101``, with or without a pretrained tag (``resnet50.a1_in1k``). Raises
+    :class:`~sg_train.weights_io.WeightsMismatchError` naming the backbone for anything else (other
+    depths, ResNet variants such as ``resnet50d``, other families).
+    """
+    depth = {f"resnet{d}": d for d in STAGE_DEPTHS}.get(str(backbone).split(".")[0])
+    if depth is None:
+        raise WeightsMismatchError(
+            f"backbone {backbone!r} cannot be written as CVNet weights: CVNet's pycls layout holds only "
+            f"{', '.join(f'resnet{d}' for d in sorted(STAGE_DEPTHS))}; export it as torchscript or onnx instead"
+        )
+    return depth
+
+
+def cvnet_pool_p(model: EmbeddingModel) -> tuple[float, str]:
+    """The ``head.pool.p`` to write for ``model`` and what it means.
+
+    CVNet's head pools with GeM of a learnable p (``head.pool.p``), and both loaders need the key.
+    ``gem``: the trained p. ``gemp``: its fixed p (``gemp_p``; SuperGlobal's ``gemp`` switch uses
+    4.6 itself). ``avg``: 1 (GeM with p = 1 is average pooling). ``max`` (and any pooling added with
+    :func:`~sg_train.pooling.head.register_pooling`): no GeM p gives it; pycls's initial value 3 is
+    written so that the file loads, and the note says the pooling is not reproduced by GeM.
+    """
+    pooling = model.head.spec.pooling
+    if isinstance(model.head.pool, GeM):
+        return float(model.head.pool.p.detach().reshape(-1)[0]), "the trained GeM p"
+    if pooling == "gemp":
+        p = float(model.head.pool.p)
+        return p, (f"GeM+'s fixed p = {p:g} (SuperGlobal's gemp switch uses 4.6; with it off, GeM with "
+                   "this p); not a trained value")
+    if pooling == "avg":
+        return 1.0, "GeM with p = 1 is the average pooling the model was trained with; not a trained value"
+    return _PYCLS_INIT_P, (f"pycls's initial p = {_PYCLS_INIT_P:g}, only so that the file loads: the model's "
+                           f"{pooling!r} pooling has no GeM p, so CVNet/SuperGlobal code pools differently")
+
+
+def _per_colour(input_format: str, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[float, ...]:
+    """``(mean R, G, B, std R, G, B)`` of statistics given in ``input_format`` order."""
+    if input_format == "bgr":
+        mean, std = mean[::-1], std[::-1]
+    return (*mean, *std)
+
+
+def check_cvnet_convertible(model: EmbeddingModel) -> int:
+    """The pycls depth of ``model`` if CVNet's layout can hold it exactly; raises otherwise.
+
+    CVNet feeds BGR pixels / 255 normalised with :data:`CVNET_MEAN_BGR` / :data:`CVNET_STD_BGR`: a
+    model that normalises every colour the same way (in either channel order) converts exactly.
+    Raises :class:`~sg_train.weights_io.WeightsMismatchError` for a backbone other than timm's
+    ResNet-50/101 (:func:`cvnet_depth`) and for a model whose per-colour mean/std differ from
+    CVNet's (no channel permutation turns one normalisation into the other, and folding it into
+    ``conv1`` is not exact at the zero-padded borders).
+    """
+    depth = cvnet_depth(model.backbone_name)
+    want = _per_colour("bgr", CVNET_MEAN_BGR, CVNET_STD_BGR)
+    got = _per_colour(model.input_format, tuple(model.mean), tuple(model.std))
+    if not all(math.isclose(a, b, rel_tol=0, abs_tol=_COLOUR_TOLERANCE) for a, b in zip(want, got)):
+        raise WeightsMismatchError(
+            f"the model cannot be written as CVNet weights: it expects {model.input_format.upper()} pixels / 255 "
+            f"normalised with mean {list(model.mean)}, std {list(model.std)} (per colour R, G, B: mean "
+            f"{list(got[:3])}, std {list(got[3:])}), CVNet feeds BGR normalised with mean {list(CVNET_MEAN_BGR)}, "
+            f"std {list(CVNET_STD_BGR)} (per colour: mean {list(want[:3])}, std {list(want[3:])}); only the "
+            "channel order can be converted. Export it as torchscript or onnx instead"
+        )
+    return depth
+
+
+def embedding_model_to_cvnet_state_dict(model: EmbeddingModel, *, prefix: str = "encoder_q.") -> dict[str, Tensor]:
+    """The global model of ``model`` in CVNet's key layout: ``{prefix + pycls key: tensor}``.
+
+    Holds every backbone key of :func:`expected_pycls_keys` (``num_batches_tracked`` included),
+    ``head.fc.weight`` ``(embedding_dim, 2048)``, ``head.fc.bias`` and ``head.pool.p`` ``(1,)`` (see
+    :func:`cvnet_pool_p`), as CPU copies. ``conv1``'s input channels are reversed for a model that
+    takes RGB (CVNet's normalised BGR tensor is the normalised RGB tensor with its channels reversed).
+
+    Raises :class:`~sg_train.weights_io.WeightsMismatchError` for a model CVNet's layout cannot hold
+    (:func:`check_cvnet_convertible`) and for a backbone whose keys are not exactly a pycls ResNet's.
+    """
+    depth = check_cvnet_convertible(model)
+    backbone = model.backbone.state_dict()
+    names = {key: timm_to_pycls_key(key) for key in backbone}
+    expected = set(expected_pycls_keys(depth))
+    unexpected = [key for key, name in names.items() if name not in expected]
+    missing = sorted(expected - set(names.values()), key=natural_key)
+    if unexpected or missing:
+        problems = ([f"no pycls ResNet-{depth} name for {describe_keys(unexpected)}"] if unexpected else []) + (
+            [f"missing {describe_keys(missing)}"] if missing else [])
+        raise WeightsMismatchError(
+            f"backbone {model.backbone_name!r} is not a plain pycls ResNet-{depth}: {'; '.join(problems)}"
+        )
+    state = {f"{prefix}{names[key]}": value.detach().cpu().clone() for key, value in backbone.items()}
+    if model.input_format == "rgb":
+        conv = f"{prefix}stem.conv.weight"
+        state[conv] = state[conv].flip(1).contiguous()
+    state[f"{prefix}head.fc.weight"] = model.fc.weight.detach().cpu().clone()
+    state[f"{prefix}head.fc.bias"] = model.fc.bias.detach().cpu().clone()
+    state[f"{prefix}head.pool.p"] = torch.tensor([cvnet_pool_p(model)[0]], dtype=torch.float32)
+    return state
+
+
+def write_cvnet_weights(model: EmbeddingModel, path: str | os.PathLike) -> None:
+    """Write ``{"model_state": embedding_model_to_cvnet_state_dict(model)}`` to ``path`` (``torch.save``,
+    atomically: a reader sees the old file or the new one).
+
+    Read it back with :func:`load_cvnet_weights` (``depth`` from :func:`cvnet_depth`, the model's
+    head and options as keywords) or SuperGlobal's ``load_checkpoint`` (``MODEL.DEPTH``,
+    ``MODEL.HEADS.REDUCTION_DIM`` = the embedding size, or its loader silently keeps a random FC).
+    Raises as :func:`embedding_model_to_cvnet_state_dict`, before anything is written.
+    """
+    checkpoint = {"model_state": embedding_model_to_cvnet_state_dict(model)}
+    atomic_write(path, lambda fh: torch.save(checkpoint, fh))

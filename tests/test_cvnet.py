@@ -25,6 +25,7 @@ from sg_train.cvnet import (
     load_cvnet_weights,
     expected_pycls_keys,
     pycls_to_timm_key,
+    timm_to_pycls_key,
 )
 
 ALPHA = 0.014
@@ -276,6 +277,18 @@ def test_key_map():
     for depth in (50, 101):
         timm_keys = timm.create_model(f"resnet{depth}", num_classes=0).state_dict().keys()
         assert sorted(pycls_to_timm_key(k) for k in expected_pycls_keys(depth)) == sorted(timm_keys)
+
+
+def test_inverse_key_map():
+    assert timm_to_pycls_key("conv1.weight") == "stem.conv.weight"
+    assert timm_to_pycls_key("layer1.0.bn1.running_var") == "s1.b1.f.a_bn.running_var"
+    assert timm_to_pycls_key("layer3.5.conv2.weight") == "s3.b6.f.b.weight"
+    assert timm_to_pycls_key("layer2.0.downsample.1.bias") == "s2.b1.bn.bias"
+    for key in ("fc.weight", "layer1.0.act1.alpha", "layer1.0.se.fc1.weight", "layer1.0.downsample.2.weight"):
+        assert timm_to_pycls_key(key) is None, key
+    for depth in (50, 101):
+        for key in expected_pycls_keys(depth):
+            assert timm_to_pycls_key(pycls_to_timm_key(key)) == key
 
 
 # --- refusals -------------------------------------------------------------------------------
