@@ -42,14 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-
 from sg_train.errors import UserInputError
 from sg_train.files import write_json
+from sg_train.image_io import IMAGE_EXTENSIONS
 
 __all__ = [
     "HELD_OUT_FORMAT",
-    "IMAGE_EXTENSIONS",
     "LabelledDataError",
     "LabelledImages",
     "held_out_count",
@@ -62,7 +60,6 @@ __all__ = [
 HELD_OUT_FORMAT = "sg-train/held-out-split"
 HELD_OUT_VERSION = 1
 #: file extensions (lower case) of the formats Pillow can open
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 CSV_COLUMNS = ("path", "label", "split", "is_query", "is_gallery", "x_1", "y_1", "x_2", "y_2", "category")
 _BOX_ALIASES = {"x1": "x_1", "y1": "y_1", "x2": "x_2", "y2": "y_2"}
 _BOX = ("x_1", "y_1", "x_2", "y_2")

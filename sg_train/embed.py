@@ -2,9 +2,10 @@
 
     python -m sg_train.embed CKPT IMAGES... --out DIR [--batch-size N] [--recursive] [--overwrite]
 
-IMAGES are files and folders. A folder gives its image files (:data:`IMAGE_EXTENSIONS`, any letter
-case), sorted by path; with ``--recursive`` those of its sub-folders too. Other files in a folder
-are skipped and counted; a file named on the command line is always tried. Descriptors are made by
+IMAGES are files and folders. A folder gives its image files
+(:data:`sg_train.image_io.IMAGE_EXTENSIONS`, any letter case; hidden files and folders left out),
+sorted by path; with ``--recursive`` those of its sub-folders too. Other files in a folder are
+skipped and counted; a file named on the command line is always tried. Descriptors are made by
 :class:`sg_train.embedder.Embedder` (the retrieval evaluation's preprocessing for a database image
 under the evaluation protocol, ``--protocol``, default "revisitop").
 
@@ -48,12 +49,13 @@ import numpy as np
 
 from sg_train.errors import UserInputError, is_user_error, one_line
 from sg_train.files import array_digest, atomic_write, write_json
+from sg_train.image_io import IMAGE_EXTENSIONS
 from sg_train.progress import progress_bar
 
 if TYPE_CHECKING:  # the CLI parses its arguments before importing torch
     from sg_train.embedder import Embedder
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "EmbedOutputError", "Embeddings", "IMAGE_EXTENSIONS", "ImageFiles",
+__all__ = ["DEFAULT_CHUNK_SIZE", "EmbedOutputError", "Embeddings", "ImageFiles",
            "collect_images", "embed_files", "main"]
 
 FORMAT = "sg-train-embeddings"
@@ -62,14 +64,6 @@ DEFAULT_CHUNK_SIZE = 1024
 DESCRIPTORS, FILES, SKIPPED, RECORD, CHUNKS = "descriptors.npy", "files.txt", "skipped.tsv", "embed.json", "chunks"
 PLAN, PLANNED = "plan.json", "planned.txt"
 OUTPUTS = (RECORD, DESCRIPTORS, FILES, SKIPPED, CHUNKS)
-
-#: Extensions (lower case) of the raster formats OpenCV or Pillow decode here; a folder's other
-#: files are skipped (and counted by extension).
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
-    ".pbm", ".pgm", ".ppm", ".pnm", ".jp2", ".j2k", ".avif",
-})
-
 
 class EmbedOutputError(UserInputError):
     """An output folder that is finished, belongs to another embedding, or is not one at all."""
@@ -119,10 +113,10 @@ def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = Fal
         if os.path.isdir(path):
             found: list[str] = []
             for folder, subfolders, names in os.walk(path):
-                subfolders.sort()
-                if not recursive:
-                    subfolders.clear()
+                subfolders[:] = [] if not recursive else sorted(d for d in subfolders if not d.startswith("."))
                 for name in names:
+                    if name.startswith("."):  # hidden: .DS_Store, sg-train's own .sg-train/ split files
+                        continue
                     extension = os.path.splitext(name)[1].lower()
                     if extension in IMAGE_EXTENSIONS:
                         found.append(os.path.join(folder, name))

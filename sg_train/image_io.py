@@ -22,7 +22,11 @@ from PIL import Image, ImageOps
 
 from sg_train.errors import UserInputError
 
-__all__ = ["DECODER", "ImageReadError", "decode_image", "read_image"]
+__all__ = ["DECODER", "IMAGE_EXTENSIONS", "ImageReadError", "decode_image", "read_image"]
+
+#: File extensions (lower case) of the formats Pillow opens: what a folder of images is made of
+#: (other files are skipped and counted by the folder readers).
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 #: The primary decoder (Pillow is only a fallback).
 DECODER = "opencv"
