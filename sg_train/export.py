@@ -78,6 +78,7 @@ from .cvnet import (
     embedding_model_to_cvnet_state_dict,
     write_cvnet_weights,
 )
+from .eval_protocols import get_protocol
 from .errors import OptionError, UserInputError, is_user_error, one_line
 from .files import atomic_write, write_json
 from .inference import model_from_checkpoint
@@ -496,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"any of {', '.join(EXPORT_FORMATS)} (default: every one the model can be written in; "
                              "cvnet needs a resnet50/resnet101 with ImageNet colour statistics)")
     parser.add_argument("--scales", nargs="+", type=float, metavar="S",
-                        help="extraction scales baked into the graphs (default: the model's own)")
+                        help="extraction scales baked into the graphs (default: the revisitop evaluation protocol's, "
+                             "1/sqrt(2) 1 sqrt(2), as retrieval evaluation and sg_train.load_model extract)")
     parser.add_argument("--opset", type=int, default=MIN_ONNX_OPSET,
                         help=f"ONNX opset, at least {MIN_ONNX_OPSET} (antialiased Resize) (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace exported files already in --out")
@@ -506,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = model_from_checkpoint(args.checkpoint, scales=args.scales)
+        model = model_from_checkpoint(args.checkpoint, scales=args.scales or get_protocol("revisitop").scales)
         record = export_model(model, args.out, args.formats, opset=args.opset, overwrite=args.overwrite,
                               source=str(args.checkpoint))
     except Exception as exc:

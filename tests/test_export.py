@@ -9,6 +9,8 @@ import json
 import onnx
 import onnxruntime
 import pytest
+
+from sg_train.eval_protocols import get_protocol
 import torch
 from torch import nn
 
@@ -66,10 +68,11 @@ def gem_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gem_export(gem_checkpoint, tmp_path_factory):
-    """The command line on a GeM checkpoint, default formats (a ResNet-18: no CVNet weights)."""
+    """The command line on a GeM checkpoint, default formats (a ResNet-18: no CVNet weights) and
+    scales (the revisitop protocol's, as evaluation and load_model extract; the model's own are 0.7071, 1)."""
     out = tmp_path_factory.mktemp("gem-export")
     assert main(["--checkpoint", str(gem_checkpoint), "--out", str(out)]) == 0
-    return model_from_checkpoint(gem_checkpoint), out
+    return model_from_checkpoint(gem_checkpoint, scales=get_protocol("revisitop").scales), out
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,7 @@ def test_sidecar_and_embedded_preprocessing(gem_export, gem_checkpoint):
     model, out = gem_export
     record = json.loads((out / SIDECAR_NAME).read_text())
     preprocessing = {"input_format": "rgb", "scale": 1 / 255, "mean": list(model.mean), "std": list(model.std),
-                     "scales": [0.7071, 1.0], "embedding_dim": 16}
+                     "scales": list(get_protocol("revisitop").scales), "embedding_dim": 16}
     assert record["preprocessing"] == preprocessing
     assert record["source"] == str(gem_checkpoint) and record["model"] == model.config
     assert record["traced_at"] == list(example_size(model)) == [91, 136]
