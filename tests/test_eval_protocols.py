@@ -229,7 +229,7 @@ def test_callback_crops_per_protocol_and_records_it_in_results(bench, synthetic_
     torch.testing.assert_close(seen[-1][0], _expected_input("superglobal", module.model.input_format,
                                                             module.model.mean, module.model.std))
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["version"] == 3 and results["trained"]["eval_protocol"] == SUPERGLOBAL.describe()
+    assert results["version"] == 4 and results["trained"]["eval_protocol"] == SUPERGLOBAL.describe()
     assert RetrievalEvalCallback(data_root=str(bench), datasets=[NAME]).protocol is REVISITOP  # the default
     with pytest.raises(ProtocolError, match="valid"):
         RetrievalEvalCallback(data_root=str(bench), datasets=[NAME], protocol="superglobl")
