@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from sg_train.image_io import ImageReadError, read_image
 
-__all__ = ["ImageDataset", "compact_strings", "worker_init_fn"]
+__all__ = ["ImageDataset", "compact_strings", "pixel_box", "worker_init_fn"]
 
 
 def compact_strings(values: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -40,6 +40,16 @@ def compact_strings(values: Sequence[str] | np.ndarray) -> np.ndarray:
         return arr.astype(str).astype(np.bytes_)
     except UnicodeEncodeError:
         return arr.astype(str)
+
+
+def pixel_box(box) -> tuple[int, int, int, int] | None:
+    """A box ``x1, y1, x2, y2`` (floats, pixels, x2/y2 exclusive) as whole pixels, each rounded half
+    up as revisitop crops its queries; None for a box with a NaN (no box: the whole image)."""
+    values = np.asarray(box, dtype=np.float64)
+    if np.isnan(values).any():
+        return None
+    x1, y1, x2, y2 = (int(v) for v in np.floor(values + 0.5))
+    return x1, y1, x2, y2
 
 
 def join_path(root: str, name: str) -> str:
@@ -118,9 +128,10 @@ class ImageDataset(Dataset):
         return sample
 
     def _crop(self, index: int, img: np.ndarray) -> np.ndarray:
-        if self.boxes is None or np.isnan(self.boxes[index]).any():
+        box = None if self.boxes is None else pixel_box(self.boxes[index])
+        if box is None:
             return img
-        x1, y1, x2, y2 = (int(np.floor(v + 0.5)) for v in self.boxes[index])
+        x1, y1, x2, y2 = box
         height, width = img.shape[:2]
         if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
             raise ImageReadError(self.path(index), f"box {self.boxes[index].tolist()} does not fit the image "

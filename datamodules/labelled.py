@@ -10,6 +10,7 @@ The held-out images are validated twice: classification accuracy/GAP as for GLDv
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -20,14 +21,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sg_train.errors import OptionError
-from sg_train.image_io import ImageReadError
 
 from .classification import ClassMappingError, ImageClassificationDataModule
-from .image_dataset import ImageDataset
-from .labelled_index import LabelledDataError, LabelledImages, load_held_out_split, read_class_folders, read_labelled_csv
-from .revisited import EvalImageDataset, read_image_sizes
+from .image_dataset import ImageDataset, pixel_box
+from .labelled_index import (
+    LabelledDataError,
+    LabelledImages,
+    drop_unreadable,
+    load_held_out_split,
+    read_class_folders,
+    read_labelled_csv,
+)
+from .revisited import EvalImageDataset
 
 __all__ = ["LabelledBenchmark", "LabelledImagesDataModule"]
+
 
 STATE_VERSION = 1
 BENCHMARK_NAME = "held_out"
@@ -104,9 +112,11 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
 
     @property
     def data(self) -> LabelledImages:
-        """Every labelled image, read on first access (the skipped items are reported once)."""
+        """Every readable labelled image, read on first access (every header is read once, so a file
+        that is no image never reaches an epoch; the skipped items are reported once)."""
         if self._data is None:
             data = read_labelled_csv(self.csv, self.image_root) if self.csv else read_class_folders(self.images_dir)
+            data = drop_unreadable(data, progress=len(data) >= 10_000)
             for reason, items in data.skipped.items():
                 rank_zero_warn(f"{data.source}: skipped {len(items)} {reason}, e.g. {items[:3]}")
             self._data = data
@@ -172,8 +182,8 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
 
         Queries: the held-out images marked ``is_query`` (all of them when the data does not say);
         gallery: those marked ``is_gallery`` (all). Boxes crop as in training. None when nothing
-        is held out. Raises :class:`~sg_train.image_io.ImageReadError` naming an unreadable image
-        and :class:`LabelledDataError` for a box outside its image, before any training step.
+        is held out. Unreadable images and boxes outside their image were dealt with when the data
+        was read (:func:`~datamodules.labelled_index.drop_unreadable`).
         """
         data = self.data
         rows = np.flatnonzero(self.held_out)
@@ -185,8 +195,8 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
             raise LabelledDataError(f"{data.source}: the validation rows mark {int(is_query.sum())} queries and "
                                     f"{int(is_gallery.sum())} gallery images; a benchmark needs both")
         paths = [data.path(i) for i in rows]
-        sizes, errors = read_image_sizes(paths)
-        boxes = [self._eval_box(data, i, paths[k], sizes[k], errors.get(k)) for k, i in enumerate(rows)]
+        sizes = data.sizes[rows]
+        boxes = [pixel_box(data.boxes[i]) if data.boxes is not None else None for i in rows]
 
         def part(mask: np.ndarray) -> EvalImageDataset:
             chosen = np.flatnonzero(mask)
@@ -207,19 +217,6 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
             query_gallery_ids=np.where(is_gallery[query_rows], gallery_position[query_rows], -1).astype(np.int64),
         )
 
-    @staticmethod
-    def _eval_box(data: LabelledImages, row: int, path: str, size: np.ndarray, error: str | None):
-        if error is not None:
-            raise ImageReadError(path, error)
-        if data.boxes is None or np.isnan(data.boxes[row]).any():
-            return None
-        x1, y1, x2, y2 = (int(np.floor(v + 0.5)) for v in data.boxes[row])
-        height, width = int(size[0]), int(size[1])
-        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
-            raise LabelledDataError(f"{data.source}: box {data.boxes[row].tolist()} of {data.paths[row]!r} does not fit "
-                                    f"the image ({width} x {height} W x H)")
-        return x1, y1, x2, y2
-
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,9 +225,15 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
             "source": self.data.source,
             "class_names": self.class_names,
             "split_file": self.split_file,
+            "held_out_digest": self.held_out_digest(),
             "data_digest": self.data.digest(),
             "data_seed": self.data_seed,
         }
+
+    def held_out_digest(self) -> str:
+        """SHA-256 of the held-out images' paths: which photos are evaluated, never trained on."""
+        held = sorted(p for p, m in zip(self.data.paths, self.held_out) if m)
+        return hashlib.sha256("\n".join(held).encode()).hexdigest()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.check_class_mapping(state_dict)
@@ -240,6 +243,19 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
                            "held-out images may differ from before")
 
     def check_class_mapping(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint of other classes, or of another held-out split: a resumed run whose
+        held-out photos changed would evaluate photos it trained on, or compare numbers of two splits."""
+        self._check_classes(state_dict)
+        saved = state_dict.get("held_out_digest")
+        if saved is not None and saved != self.held_out_digest():
+            raise LabelledDataError(
+                f"{self.data.source}: the held-out photos differ from the checkpoint's (photos were added, removed or "
+                f"renamed since; split file {state_dict.get('split_file')!r}): resuming would evaluate photos the run "
+                "trained on. Put the photos back as they were to resume, or start a new run from the checkpoint with "
+                "model.init_from=<checkpoint>"
+            )
+
+    def _check_classes(self, state_dict: dict[str, Any]) -> None:
         saved = list(state_dict.get("class_names") or [])
         current = self.class_names
         if saved != current:

@@ -46,10 +46,14 @@ from sg_train.errors import UserInputError
 from sg_train.files import write_json
 from sg_train.image_io import IMAGE_EXTENSIONS
 
+from .image_dataset import pixel_box
+from .revisited import read_image_sizes
+
 __all__ = [
     "HELD_OUT_FORMAT",
     "LabelledDataError",
     "LabelledImages",
+    "drop_unreadable",
     "held_out_count",
     "held_out_mask",
     "load_held_out_split",
@@ -86,7 +90,10 @@ class LabelledImages:
             held-out image is both a query and a gallery item, leave-one-out).
         boxes: float64 ``(N, 4)`` ``x1, y1, x2, y2`` in pixels (NaN rows: the whole image), or None.
         source: the folder or CSV file read, for messages.
-        skipped: ``{reason: [items]}`` of what was not used (non-image files, empty class folders).
+        skipped: ``{reason: [items]}`` of what was not used (non-image files, empty class folders,
+            unreadable images).
+        sizes: int64 ``(N, 2)`` (H, W) of every image from its header, once
+            :func:`drop_unreadable` has read them (else None).
     """
 
     root: str
@@ -99,6 +106,7 @@ class LabelledImages:
     is_gallery: np.ndarray | None = None
     boxes: np.ndarray | None = None
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    sizes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -165,6 +173,38 @@ def _finish(rows: list[tuple[str, str]], root: str, source: str, **columns) -> L
                          class_names=class_names, source=source)
     for key, value in columns.items():
         setattr(out, key, None if value is None else value[order])
+    return out
+
+
+def drop_unreadable(data: LabelledImages, progress: bool = False) -> LabelledImages:
+    """``data`` without the images whose header cannot be read (not an image, cut short, gone), with
+    every image's size in ``sizes`` and the dropped ones under ``skipped["unreadable images"]``
+    (``"<path>: <reason>"``); a class left without images is dropped with them. Boxes are checked
+    against the sizes. Raises :class:`LabelledDataError` for a box outside its image (naming the
+    image) and when fewer than two classes are left.
+    """
+    paths = [data.path(i) for i in range(len(data))]
+    sizes, errors = read_image_sizes(paths, progress=progress)
+    keep = np.ones(len(data), dtype=bool)
+    keep[list(errors)] = False
+    for i in np.flatnonzero(keep) if data.boxes is not None else ():
+        box = pixel_box(data.boxes[i])
+        if box is not None and (box[2] > sizes[i, 1] or box[3] > sizes[i, 0]):
+            raise LabelledDataError(f"{data.source}: box {data.boxes[i].tolist()} of {data.paths[i]!r} does not fit the "
+                                    f"image ({sizes[i, 1]} x {sizes[i, 0]} W x H)")
+    if keep.all():
+        data.sizes = sizes
+        return data
+    rows = np.flatnonzero(keep)
+    columns = {key: getattr(data, key) for key in ("split", "is_query", "is_gallery", "boxes")}
+    out = _finish([(data.paths[i], data.class_names[data.labels[i]]) for i in rows], data.root, data.source,
+                  **{key: None if value is None else value[rows] for key, value in columns.items()})
+    out.skipped = {**data.skipped, "unreadable images": [f"{data.paths[i]}: {errors[i]}" for i in sorted(errors)]}
+    lost = sorted(set(data.class_names) - set(out.class_names))
+    if lost:
+        out.skipped["classes without a readable image"] = lost
+    order = {p: k for k, p in enumerate(data.paths)}
+    out.sizes = sizes[[order[p] for p in out.paths]]
     return out
 
 
@@ -293,10 +333,10 @@ def read_labelled_csv(csv: str | os.PathLike, image_root: str | os.PathLike | No
                                 + ", ".join(f"line {r + 2} {paths[r]!r}" for r in rows) + "; keep one row per image")
     absent = [(i, p) for i, p in enumerate(paths) if not os.path.isfile(os.path.join(root, p))]
     if absent:
-        shown = ", ".join(f"line {i + 2} {p!r}" for i, p in absent[:5])
-        raise LabelledDataError(f"{csv}: {len(absent)} of {len(paths)} images do not exist under {root!r}: {shown}"
-                                f"{' ...' if len(absent) > 5 else ''}; paths are relative to data.image_root "
-                                "(default: the CSV's folder) or absolute")
+        shown = ", ".join(f"line {i + 2} {os.path.join(root, p)!r}" for i, p in absent[:5])
+        raise LabelledDataError(f"{csv}: {len(absent)} of {len(paths)} images do not exist: {shown}"
+                                f"{' ...' if len(absent) > 5 else ''}; relative paths start from data.image_root "
+                                f"({root!r}; default: the CSV's folder)")
     columns: dict[str, np.ndarray | None] = {"split": None, "is_query": None, "is_gallery": None, "boxes": None}
     if "split" in frame.columns:
         split = frame["split"].str.strip().str.lower()

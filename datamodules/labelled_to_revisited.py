@@ -29,8 +29,14 @@ from sg_train.errors import is_user_error, one_line
 from sg_train.files import atomic_write
 from sg_train.synthetic.writers import write_revisited_gnd
 
-from .labelled_index import LabelledDataError, LabelledImages, load_held_out_split, read_class_folders, read_labelled_csv
-from .revisited import read_image_sizes
+from .labelled_index import (
+    LabelledDataError,
+    LabelledImages,
+    drop_unreadable,
+    load_held_out_split,
+    read_class_folders,
+    read_labelled_csv,
+)
 
 __all__ = ["write_revisited_benchmark"]
 
@@ -39,9 +45,9 @@ def write_revisited_benchmark(data: LabelledImages, rows: np.ndarray, out: str |
                               copy: bool = False, overwrite: bool = False) -> Path:
     """Write the images ``rows`` of ``data`` as the Revisited data set ``<out>/<name>`` (module docstring).
 
-    Returns the ground-truth path. Raises :class:`LabelledDataError` when ``<out>/<name>`` exists
-    (without ``overwrite``), when no query has another image of its class, or for an unreadable
-    image (naming it).
+    ``data`` should have been through :func:`~datamodules.labelled_index.drop_unreadable` (its
+    image sizes are used). Returns the ground-truth path. Raises :class:`LabelledDataError` when
+    ``<out>/<name>`` exists (without ``overwrite``) or when no query has another image of its class.
     """
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise LabelledDataError(f"--name must be a plain name (letters, digits, _ or -), got {name!r}")
@@ -54,10 +60,7 @@ def write_revisited_benchmark(data: LabelledImages, rows: np.ndarray, out: str |
     labels = data.labels[rows]
     is_query = np.ones(len(rows), bool) if data.is_query is None else data.is_query[rows]
     paths = [os.path.abspath(data.path(i)) for i in rows]
-    sizes, errors = read_image_sizes(paths)
-    if errors:
-        k = min(errors)
-        raise LabelledDataError(f"cannot read image {paths[k]!r}: {errors[k]}")
+    sizes = (data.sizes if data.sizes is not None else drop_unreadable(data).sizes)[rows]
     imlist = [f"{k:06d}" for k in range(len(rows))]
     qimlist, gnd = [], []
     for k in np.flatnonzero(is_query):
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<name>")
     a = p.parse_args(argv)
     try:
-        data = read_labelled_csv(a.csv, a.image_root) if a.csv else read_class_folders(a.images)
+        data = drop_unreadable(read_labelled_csv(a.csv, a.image_root) if a.csv else read_class_folders(a.images))
+        for reason, items in data.skipped.items():
+            print(f"skipped {len(items)} {reason}, e.g. {items[:3]}", file=sys.stderr)
         if a.all:
             rows = np.arange(len(data))
         elif data.split is not None:

@@ -112,7 +112,7 @@ def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = Fal
         path = os.path.abspath(os.fspath(given))
         if os.path.isdir(path):
             found: list[str] = []
-            for folder, subfolders, names in os.walk(path):
+            for folder, subfolders, names in os.walk(path, followlinks=True):
                 subfolders[:] = [] if not recursive else sorted(d for d in subfolders if not d.startswith("."))
                 for name in names:
                     if name.startswith("."):  # hidden: .DS_Store, sg-train's own .sg-train/ split files

@@ -83,6 +83,18 @@ def test_collect_images_takes_image_extensions_in_any_case_sorted_and_counts_the
         collect_images([gallery / "nowhere"])
 
 
+def test_collect_images_follows_linked_folders_and_leaves_hidden_files_out(gallery, tmp_path):
+    """As the class-folder reader does: a linked folder is part of the tree, sg-train's .sg-train/ is not."""
+    root = tmp_path / "photos"
+    (root / ".sg-train").mkdir(parents=True)
+    (root / ".sg-train" / "held_out.json").write_text("{}")
+    (root / ".DS_Store").write_bytes(b"\0")
+    (root / "linked").symlink_to(gallery / "sub dir", target_is_directory=True)
+    found = collect_images([root], recursive=True)
+    assert sorted(Path(f).name for f in found.files) == ["z.jpeg", "Ça va — café.JPG"]
+    assert found.non_images == {}
+
+
 def test_the_cli_writes_descriptors_file_list_skipped_images_and_record(checkpoint, embedder, gallery, files,
                                                                        reference, tmp_path, capsys):
     out = tmp_path / "out dir ü"

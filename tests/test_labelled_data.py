@@ -152,7 +152,7 @@ def test_oml_csv_with_split_roles_and_boxes(tmp_path):
     ("path,label,colour", ["a.jpg,1,red"], r"unknown columns \['colour'\]"),
     ("path", ["a.jpg"], r"missing columns \['label'\]"),
     ("path,label", ["a.jpg,1", "./a.jpg,2"], "listed more than once: line 2 'a.jpg', line 3 './a.jpg'"),
-    ("path,label", ["a.jpg,1", "gone.jpg,2"], r"1 of 2 images do not exist under .*line 3 'gone.jpg'"),
+    ("path,label", ["a.jpg,1", "gone.jpg,2"], r"1 of 2 images do not exist: line 3 '.*/gone.jpg'; relative paths start from data.image_root"),
     ("path,label", ["a.jpg,Paris", "b.jpg,paris"], "'Paris' and 'paris' are the same name"),
     ("path,label,split", ["a.jpg,1,train", "b.jpg,2,test"], "line 3: split='test'; write train or validation"),
     ("path,label,split,is_query", ["a.jpg,1,train"], "is_query and is_gallery go together"),
@@ -198,3 +198,39 @@ def test_datamodule_classes_come_from_the_data(tmp_path):
     other = LabelledImagesDataModule(images=str(renamed), num_workers=0)
     with pytest.raises(ValueError, match="first difference at class 0: checkpoint 'A', data 'A2'.*model.init_from"):
         other.load_state_dict(state)
+
+
+def test_files_that_are_no_images_are_skipped_when_the_data_is_read_not_during_an_epoch(tmp_path):
+    root = folder(tmp_path / "p", {"A": 4, "B": 4, "C": 1})
+    (root / "A" / "notes.jpg").write_text("not a photo")
+    (root / "B" / "IMG_9999.JPG").write_bytes((root / "B" / "IMG_0000.jpg").read_bytes()[:40])  # cut in its header
+    (root / "C" / "IMG_0000.jpg").write_bytes(b"")  # C's only photo
+    dm = LabelledImagesDataModule(images=str(root), num_workers=0, batch_size=2)
+    assert dm.class_names == ["A", "B"] and len(dm.data) == 8
+    skipped = dm.data.skipped
+    assert [line.split(":")[0] for line in skipped["unreadable images"]] == ["A/notes.jpg", "B/IMG_9999.JPG",
+                                                                          "C/IMG_0000.jpg"]
+    assert skipped["classes without a readable image"] == ["C"]
+    assert dm.data.sizes.tolist() == [[30, 40]] * 8
+
+
+def test_a_training_box_outside_its_image_stops_before_the_first_step(tmp_path):
+    for k in range(4):
+        photo(tmp_path / f"{k}.jpg", seed=k, size=(60, 50))
+    csv = write_csv(tmp_path / "df.csv", "path,label,split,x_1,y_1,x_2,y_2", [
+        "0.jpg,a,train,10,10,5000,5000", "1.jpg,a,validation,,,,", "2.jpg,b,train,,,,", "3.jpg,b,validation,,,,"])
+    with pytest.raises(LabelledDataError, match=r"box \[10.0, 10.0, 5000.0, 5000.0\] of '0.jpg' does not fit the image "
+                                                r"\(60 x 50 W x H\)"):
+        LabelledImagesDataModule(csv=str(csv), num_workers=0).data
+
+
+def test_resuming_with_other_held_out_photos_is_refused(tmp_path):
+    root = folder(tmp_path / "p", {"A": 6, "B": 6})
+    state = LabelledImagesDataModule(images=str(root), num_workers=0).state_dict()
+    same = LabelledImagesDataModule(images=str(root), num_workers=0)
+    same.load_state_dict(state)  # nothing changed: fine
+    held = next(p for p, m in zip(same.data.paths, same.held_out) if m)
+    (root / held).unlink()  # a held-out photo deleted: the split is drawn again
+    moved = LabelledImagesDataModule(images=str(root), num_workers=0)
+    with pytest.raises(LabelledDataError, match="the held-out photos differ from the checkpoint's.*model.init_from"):
+        moved.check_checkpoint({"LabelledImagesDataModule": state})
