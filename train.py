@@ -47,6 +47,7 @@ from sg_train.run_folder import (  # noqa: E402
     record_start,
     resolve_checkpoint,
 )
+from sg_train.wandb_mode import resolve_wandb_mode  # noqa: E402
 
 
 def _as_list(counts: torch.Tensor) -> list[int]:
@@ -94,6 +95,9 @@ class TrainCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.trainer.default_root_dir or os.getcwd()
         loggers = _logger_entries(config.trainer.logger)
+        if rank_zero_only.rank == 0:
+            for entry in filter(_is_wandb, loggers):
+                _set_wandb_mode(entry.init_args)
         if self.subcommand not in (None, "fit"):  # None: built with run=False, to be fitted by the caller
             for entry in loggers:  # validate: its logger files go to the run folder too, not the cwd
                 if getattr(entry.init_args, "save_dir", None) in (None, "", "."):
@@ -167,6 +171,17 @@ class _RecordRunStart(Callback):
             record_start(self.plan, "fit")
         where = f"continuing from {self.plan.resume_from}" if self.plan.resume_from else "new run"
         rank_zero_info(f"run folder: {self.plan.run_dir} ({where})")
+
+
+def _set_wandb_mode(init_args) -> None:
+    """Give a WandbLogger the mode :func:`sg_train.wandb_mode.resolve_wandb_mode` decides (an online
+    run without API key or network goes offline, saying so in one line)."""
+    mode, note = resolve_wandb_mode(bool(getattr(init_args, "offline", False)))
+    if note:
+        print(f"train.py: {note}", file=sys.stderr)
+    init_args.offline = mode == "offline"
+    if mode == "disabled":
+        os.environ["WANDB_MODE"] = "disabled"
 
 
 def _new_wandb_id() -> str:
