@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from callbacks.finite_loss import FiniteLossGuard  # noqa: E402
 from callbacks.last_checkpoint import LastCheckpoint  # noqa: E402
 from callbacks.log_progress import batch_log_progress_bar  # noqa: E402
+from callbacks.run_config import SaveRunConfig  # noqa: E402
 from callbacks.skipped_images import SkippedImagesReport  # noqa: E402
 from datamodules.classification import ImageClassificationDataModule  # noqa: E402
 from sg_train.errors import is_user_error, one_line  # noqa: E402
@@ -196,6 +197,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
         ImageClassificationDataModule,
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [FiniteLossGuard()]},
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the optimizer comes in through the module (model.optimizer)
         args=args,

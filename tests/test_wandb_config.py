@@ -1,0 +1,26 @@
+"""The W&B run holds the whole resolved configuration, and config.yaml itself."""
+from __future__ import annotations
+
+import yaml
+
+import train
+import wandb_records
+from test_runs import demo_config
+
+
+def test_the_wandb_run_holds_the_whole_configuration_and_the_config_file(tmp_path, synthetic_data):
+    config = demo_config(tmp_path, synthetic_data, retrieval={"rerank": True, "M": 10, "K": 2}, max_epochs=1,
+                         limit_train_batches=1, limit_val_batches=1)
+    train.main(["fit", "--config", str(config), "--model.optimizer.init_args.lr=0.003"])
+    run_dir = tmp_path / "run"
+    logged = wandb_records.config(wandb_records.run_file(run_dir / "wandb"))
+    assert logged["seed_everything"] == 0
+    assert logged["model"]["optimizer"]["init_args"]["lr"] == 0.003
+    assert logged["data"]["class_path"] == "datamodules.gldv2.GLDv2DataModule"
+    assert logged["trainer"]["max_epochs"] == 1
+    retrieval = next(c for c in logged["trainer"]["callbacks"] if c["class_path"].endswith("RetrievalEvalCallback"))
+    assert {k: retrieval["init_args"][k] for k in ("datasets", "scales", "protocol", "M", "K", "beta")} == {
+        "datasets": ["rsynth"], "scales": [1.0], "protocol": "revisitop", "M": 10, "K": 2, "beta": 0.15}
+    saved = list((run_dir / "wandb").glob("offline-run-*/files/config.yaml"))
+    assert len(saved) == 1
+    assert yaml.safe_load(saved[0].read_text()) == yaml.safe_load((run_dir / "config.yaml").read_text())
