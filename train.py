@@ -26,7 +26,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
@@ -149,6 +149,9 @@ class TrainCLI(LightningCLI):
             cb.save_last = False  # LastCheckpoint is the one writer of last.ckpt
         if checkpoints:
             trainer.callbacks.append(LastCheckpoint(checkpoint_dir))
+        if trainer.loggers and not any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
+            # every parameter group's learning rate at every step: lr-<Optimizer>/<group> (backbone, head, ...)
+            trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.run_plan is None:  # a DDP worker
             return
         check_writable_dir(run_dir, "run folder")

@@ -163,9 +163,6 @@ class LandmarkRetrievalModule(pl.LightningModule):
         batch_size = labels.shape[0]
         self._log_global_batch_loss(output.loss, batch_size)
         self.log("train/acc", self.train_accuracy, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
-        for group in self.optimizers().param_groups:
-            if not group["name"].endswith("_no_decay"):
-                self.log(f"train/lr_{group['name']}", group["lr"], batch_size=batch_size)
         for name, value in self.loss_fn.live_stats().items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         return output.loss

@@ -47,7 +47,7 @@ def test_fit_two_steps_logs_loss_accuracy_lr_and_scale_to_wandb(tmp_path, synthe
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 12
     rows = wandb_records.history(wandb_records.run_file(tmp_path / "run"))
     logged = set().union(*rows)
-    for key in ("train/loss", "train/acc_step", "train/lr_head", "train/lr_backbone", "train/loss_scale", "train/loss_margin"):
+    for key in ("train/loss", "train/acc_step", "lr-AdamW/head", "lr-AdamW/backbone", "train/loss_scale", "train/loss_margin"):
         assert key in logged, f"{key} not logged (logged: {sorted(logged)})"
     losses = [row["train/loss"] for row in rows if "train/loss" in row]
     assert len(losses) == 2 and all(l > 0 for l in losses)
