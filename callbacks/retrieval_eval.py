@@ -22,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.last_checkpoint import LastCheckpoint
@@ -168,6 +169,9 @@ class RetrievalEvalCallback(Callback):
         self._datasets: dict[str, tuple[Any, Any, Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers if trainer.is_global_zero else ():
+            if isinstance(logger, WandbLogger):  # every retrieval metric: higher is better, its best in the summary
+                logger.experiment.define_metric("retrieval/*", summary="max,last")
         model = pl_module.model
         preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format, "protocol": self.protocol}
         rerank = {"rerank": self.rerank, "M": self.M, "K": self.K, "beta": self.beta}

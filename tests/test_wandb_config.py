@@ -24,3 +24,5 @@ def test_the_wandb_run_holds_the_whole_configuration_and_the_config_file(tmp_pat
     saved = list((run_dir / "wandb").glob("offline-run-*/files/config.yaml"))
     assert len(saved) == 1
     assert yaml.safe_load(saved[0].read_text()) == yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert wandb_records.metric_definitions(wandb_records.run_file(run_dir / "wandb"))["retrieval/*"]["summary"] == [
+        "max", "last"]

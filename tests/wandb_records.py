@@ -118,3 +118,14 @@ def config(path: str | Path) -> dict:
         for item in updates:
             merged[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return merged
+
+
+def metric_definitions(path: str | Path) -> dict[str, dict]:
+    """``define_metric`` calls of the run: ``{name or glob: {"summary": [...], "goal": ...}}``."""
+    out = {}
+    for record in iter_records(path):
+        if record.WhichOneof("record_type") == "metric":
+            m = record.metric
+            summary = [f.name for f, on in m.summary.ListFields() if on]
+            out[m.name or m.glob_name] = {"summary": summary, "goal": m.goal}
+    return out
