@@ -1,7 +1,8 @@
 """LightningDataModules, datasets and image pipelines."""
 
 from .collate import SkipFailedCollate, collate_skip_failed, format_failed, split_failed
-from .gldv2 import ClassMappingError, GLDv2DataModule
+from .classification import ClassMappingError, ImageClassificationDataModule
+from .gldv2 import GLDv2DataModule
 from .gldv2_index import (
     GLDv2CSVError,
     GLDv2Split,
@@ -11,6 +12,8 @@ from .gldv2_index import (
     read_gldv2_csv,
 )
 from .image_dataset import ImageDataset, worker_init_fn
+from .labelled import LabelledImagesDataModule
+from .labelled_index import LabelledDataError
 from sg_train.image_io import ImageReadError, read_image
 from .transforms import build_eval_transform, build_train_transform, resolve_normalization
 
@@ -19,8 +22,11 @@ __all__ = [
     "GLDv2CSVError",
     "GLDv2DataModule",
     "GLDv2Split",
+    "ImageClassificationDataModule",
     "ImageDataset",
     "ImageReadError",
+    "LabelledDataError",
+    "LabelledImagesDataModule",
     "SkipFailedCollate",
     "SplitFileError",
     "build_eval_transform",
