@@ -26,3 +26,18 @@ def test_the_wandb_run_holds_the_whole_configuration_and_the_config_file(tmp_pat
     assert yaml.safe_load(saved[0].read_text()) == yaml.safe_load((run_dir / "config.yaml").read_text())
     assert wandb_records.metric_definitions(wandb_records.run_file(run_dir / "wandb"))["retrieval/*"]["summary"] == [
         "max", "last"]
+
+
+def test_best_and_last_checkpoints_are_model_artifacts_with_what_they_are(tmp_path, synthetic_data):
+    config = demo_config(tmp_path, synthetic_data, retrieval={"rerank": False}, max_epochs=2, limit_train_batches=1,
+                         limit_val_batches=1)
+    train.main(["fit", "--config", str(config), "--trainer.callbacks+=callbacks.checkpoint_artifacts.CheckpointArtifacts"])
+    found = wandb_records.artifacts(wandb_records.run_file(tmp_path / "run" / "wandb"))
+    logged = {alias: a for a in found for alias in a["aliases"] if alias != "latest"}
+    assert set(logged) == {"best", "last"} and all(a["type"] == "model" and a["files"] == ["model.ckpt"]
+                                                   for a in logged.values())
+    best, last = logged["best"]["metadata"], logged["last"]["metadata"]
+    assert best["monitor"] == "retrieval/rsynth/mAP_M" and 0 <= best["score"] <= 1
+    assert last["epoch"] == 1 and last["global_step"] == 2 and last["file"] == "last.ckpt"
+    assert last["protocol"] == "custom" and last["model"]["backbone"] == "resnet18"  # revisitop at scales [1.0]
+    assert set(last["retrieval"]) >= {"retrieval/rsynth/mAP_E", "retrieval/rsynth/mAP_M", "retrieval/rsynth/mAP_H"}

@@ -129,3 +129,15 @@ def metric_definitions(path: str | Path) -> dict[str, dict]:
             summary = [f.name for f, on in m.summary.ListFields() if on]
             out[m.name or m.glob_name] = {"summary": summary, "goal": m.goal}
     return out
+
+
+def artifacts(path: str | Path) -> list[dict]:
+    """The artifacts the run logged: ``{"name", "type", "aliases", "metadata", "files"}`` each."""
+    out = []
+    for record in iter_records(path):
+        if record.WhichOneof("record_type") == "artifact":
+            a = record.artifact
+            out.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                        "metadata": json.loads(a.metadata) if a.metadata else {},
+                        "files": [entry.path for entry in a.manifest.contents]})
+    return out
