@@ -63,6 +63,8 @@ class CheckpointArtifacts(Callback):
                     "score": None if score is None else float(score)}))
         for logger in loggers:
             run = logger.experiment
+            if run.settings.mode == "disabled":  # W&B would still stage a copy of every file
+                continue
             for path, alias, extra in chosen:
                 artifact = wandb.Artifact(f"model-{run.id}", type="model",
                                           metadata={**_describe(path), **extra, "file": Path(path).name})

@@ -6,18 +6,24 @@ option decides, and an online run first checks, within seconds, that it can work
 
 * an API key: ``WANDB_API_KEY``, or the ``~/.netrc`` entry (``$NETRC``) for the W&B host that
   ``wandb login`` writes;
-* the host (``WANDB_BASE_URL``, default ``https://api.wandb.ai``) accepts a TCP connection.
+* the host (``WANDB_BASE_URL``, default ``https://api.wandb.ai``) answers W&B's GraphQL API
+  (``POST /graphql``, the ``viewer`` query ``wandb login --verify`` asks, HTTP basic auth
+  ``api:<key>``) with a JSON ``data`` object within ``timeout`` seconds: a refused connection, a
+  silent host, a proxy's or portal's error page, and a refused key all fail it.
 
 Without either, the run goes offline with one line that says why and how to upload it later
-(``wandb sync``), instead of W&B's prompt, traceback, or ~110 s of retries. These two checks are
-hand-written (stdlib ``netrc`` and ``socket``) because W&B has no public call that answers
+(``wandb sync``), instead of W&B's prompt, traceback, or ~110 s of retries. These checks are
+hand-written (stdlib ``netrc`` and ``urllib``) because W&B has no public call that answers
 "would ``wandb.init`` work?" without itself prompting or retrying.
 """
 from __future__ import annotations
 
+import base64
+import json
 import netrc
 import os
-import socket
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
@@ -30,25 +36,36 @@ WANDB_MODES = ("online", "offline", "disabled")
 _ALIASES = {"dryrun": "offline", "run": "online"}
 
 
-def _api_key(host: str, env: Mapping[str, str]) -> bool:
+def _api_key(host: str, env: Mapping[str, str]) -> str | None:
     if env.get("WANDB_API_KEY"):
-        return True
+        return env["WANDB_API_KEY"]
     try:
         entry = netrc.netrc(env.get("NETRC") or None).authenticators(urlparse(host).hostname or host)
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return bool(entry and entry[2])
+    except (OSError, ValueError, netrc.NetrcParseError):  # missing, unreadable, not text, malformed: no key
+        return None
+    return entry[2] if entry and entry[2] else None
 
 
-def _reachable(host: str, timeout: float) -> str | None:
-    """None when ``host`` accepts a TCP connection within ``timeout`` seconds, else the reason."""
-    url = urlparse(host)
-    port = url.port or (443 if url.scheme == "https" else 80)
+def _answers(host: str, key: str, timeout: float) -> str | None:
+    """None when ``host`` answers W&B's GraphQL API within ``timeout`` seconds, else the reason."""
+    request = urllib.request.Request(
+        host.rstrip("/") + "/graphql", data=json.dumps({"query": "{ viewer { id } }"}).encode(), method="POST",
+        headers={"Content-Type": "application/json",
+                 "Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()})
     try:
-        with socket.create_connection((url.hostname or host, port), timeout=timeout):
-            return None
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = json.loads(response.read(1 << 16) or b"null")
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}{' (API key refused)' if exc.code in (401, 403) else ''}"
+    except urllib.error.URLError as exc:
+        return getattr(exc.reason, "strerror", None) or str(exc.reason)
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except (OSError, ValueError) as exc:
+        return f"not W&B's API ({type(exc).__name__})"
+    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+        return "not W&B's API (no GraphQL data in its answer)"
+    return None
 
 
 def resolve_wandb_mode(offline: bool, env: Mapping[str, str] | None = None, timeout: float = 3.0) -> tuple[str, str | None]:
@@ -70,9 +87,10 @@ def resolve_wandb_mode(offline: bool, env: Mapping[str, str] | None = None, time
         return "offline", None
     host = env.get("WANDB_BASE_URL") or DEFAULT_HOST
     later = "the run is logged offline; upload it later with `wandb sync <run folder>/wandb/offline-run-*`"
-    if not _api_key(host, env):
+    key = _api_key(host, env)
+    if key is None:
         return "offline", f"W&B: no API key for {host} (`wandb login`, or WANDB_API_KEY): {later}"
-    problem = _reachable(host, timeout)
+    problem = _answers(host, key, timeout)
     if problem is not None:
         return "offline", f"W&B: {host} is unreachable ({problem}): {later}"
     return "online", None

@@ -2,8 +2,12 @@
 network goes offline within seconds, saying so in one line."""
 from __future__ import annotations
 
+import base64
+import http.server
+import json
 import socket
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -51,13 +55,61 @@ def test_a_key_but_a_refusing_host_goes_offline(no_netrc):
     assert mode == "offline" and "is unreachable (Connection refused)" in note
 
 
-def test_a_key_from_netrc_and_a_listening_host_stay_online(tmp_path):
-    with socket.socket() as server:
+class FakeAPI(http.server.BaseHTTPRequestHandler):
+    """POST /graphql: W&B's answer for the key KEY, 401 for another; any other path: 404 (a proxy's page)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path != "/graphql":
+            self.send_error(404)
+            return
+        if self.headers["Authorization"] != "Basic " + base64.b64encode(f"api:{KEY}".encode()).decode():
+            self.send_error(401)
+            return
+        body = json.dumps({"data": {"viewer": {"id": "u1"}}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_api():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_key_from_netrc_and_a_host_that_answers_stay_online(tmp_path, fake_api):
+    (tmp_path / "netrc").write_text(f"machine 127.0.0.1\n  login user\n  password {KEY}\n")
+    assert resolve_wandb_mode(False, {"NETRC": str(tmp_path / "netrc"), "WANDB_BASE_URL": fake_api}) == ("online", None)
+
+
+@pytest.mark.parametrize("path, key, reason", [
+    ("/proxy", KEY, "HTTP 404"), ("", "x" * 40, "HTTP 401 (API key refused)")])
+def test_a_host_that_is_not_wandb_or_refuses_the_key_goes_offline(fake_api, no_netrc, path, key, reason):
+    env = {**no_netrc, "WANDB_API_KEY": key, "WANDB_BASE_URL": fake_api + path}
+    mode, note = resolve_wandb_mode(False, env)
+    assert mode == "offline" and f"is unreachable ({reason})" in note
+
+
+def test_a_silent_host_goes_offline_after_the_timeout(no_netrc):
+    with socket.socket() as server:  # accepts connections (the backlog), never answers
         server.bind(("127.0.0.1", 0))
         server.listen()
-        host = f"http://127.0.0.1:{server.getsockname()[1]}"
-        (tmp_path / "netrc").write_text(f"machine 127.0.0.1\n  login user\n  password {KEY}\n")
-        assert resolve_wandb_mode(False, {"NETRC": str(tmp_path / "netrc"), "WANDB_BASE_URL": host}) == ("online", None)
+        env = {**no_netrc, "WANDB_API_KEY": KEY, "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}"}
+        mode, note = resolve_wandb_mode(False, env, timeout=0.5)
+    assert mode == "offline" and "unreachable" in note
+
+
+def test_a_netrc_that_is_not_text_means_no_key(tmp_path):
+    (tmp_path / "netrc").write_bytes(b"\xff\xfe\x00garbage")
+    mode, note = resolve_wandb_mode(False, {"NETRC": str(tmp_path / "netrc"), "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    assert mode == "offline" and "no API key" in note
 
 
 def test_an_unknown_mode_is_named():
