@@ -41,3 +41,19 @@ def test_best_and_last_checkpoints_are_model_artifacts_with_what_they_are(tmp_pa
     assert last["epoch"] == 1 and last["global_step"] == 2 and last["file"] == "last.ckpt"
     assert last["protocol"] == "custom" and last["model"]["backbone"] == "resnet18"  # revisitop at scales [1.0]
     assert set(last["retrieval"]) >= {"retrieval/rsynth/mAP_E", "retrieval/rsynth/mAP_M", "retrieval/rsynth/mAP_H"}
+
+
+def test_no_artifact_is_staged_when_wandb_is_disabled(tmp_path, synthetic_data, monkeypatch):
+    """W&B would stage a full copy of each checkpoint even for a disabled run."""
+    import callbacks.checkpoint_artifacts as module
+
+    class Refused(module.wandb.Artifact):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("an artifact was built for a disabled W&B run")
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(module.wandb, "Artifact", Refused)
+    config = demo_config(tmp_path, synthetic_data, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    train.main(["fit", "--config", str(config), "--trainer.callbacks+=callbacks.checkpoint_artifacts.CheckpointArtifacts"])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "wandb").exists()
