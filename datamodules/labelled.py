@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,11 +132,6 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
                 self._held_out = np.zeros(len(data), dtype=bool)
             else:
                 self._held_out, self.split_file = load_held_out_split(data, self.val_fraction, self.seed, self.split_file)
-            counts = Counter(data.labels[~self._held_out].tolist())
-            untrained = [data.class_names[c] for c in range(data.num_classes) if counts[c] == 0]
-            if untrained:
-                raise LabelledDataError(f"{data.source}: classes {untrained[:5]} have no training image (all held "
-                                        "out); every class needs at least one training image")
         return self._held_out
 
     @property
@@ -146,9 +140,19 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
 
     @property
     def class_counts(self) -> torch.Tensor:
-        """Training images per class index, ``long`` ``(num_classes,)``."""
-        train = self.data.labels[~self.held_out]
-        return torch.from_numpy(np.bincount(train, minlength=self.num_classes).astype(np.int64))
+        """Training images per class index, ``long`` ``(num_classes,)``; see :meth:`_training_counts`."""
+        return torch.from_numpy(self._training_counts())
+
+    def _training_counts(self) -> np.ndarray:
+        """Training images per class; raises :class:`LabelledDataError` naming the classes that have
+        none (all held out): training needs an image of every class (a benchmark of the held-out
+        photos does not)."""
+        counts = np.bincount(self.data.labels[~self.held_out], minlength=self.num_classes).astype(np.int64)
+        untrained = [self.data.class_names[c] for c in np.flatnonzero(counts == 0)]
+        if untrained:
+            raise LabelledDataError(f"{self.data.source}: classes {untrained[:5]} have no training image (all held "
+                                    "out); every class needs at least one training image")
+        return counts
 
     @property
     def class_names(self) -> list[str]:
@@ -165,6 +169,7 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
         self.adopt_trainer_model()
         held_out = self.held_out
         if self.train_dataset is None and stage in (None, "fit"):
+            self._training_counts()
             rows = np.flatnonzero(~held_out)
             self.train_dataset = self._dataset(rows, self.build_train_transform())
             single = int((np.bincount(self.data.labels, minlength=self.num_classes) == 1).sum())

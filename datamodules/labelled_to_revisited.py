@@ -6,7 +6,8 @@
     python -m datamodules.labelled_to_revisited --images "My Photos" --out data/mine --name myphotos
     python evaluate.py --checkpoint runs/finetune/checkpoints/last.ckpt --data-root data/mine --datasets myphotos
 
-Which images: by default the held-out split that training uses (the same split file, so the
+Which images: by default the held-out split that training uses (read and drawn by
+:class:`~datamodules.labelled.LabelledImagesDataModule` itself, the same split file, so the
 benchmark holds only images the model was not trained on); ``--all`` takes every image. Every
 chosen image is in the database; the queries are the ones marked ``is_query`` (all when the data
 does not say). A query's positives ("easy") are the other database images of its class; its own
@@ -29,14 +30,8 @@ from sg_train.errors import is_user_error, one_line
 from sg_train.files import atomic_write
 from sg_train.synthetic.writers import write_revisited_gnd
 
-from .labelled_index import (
-    LabelledDataError,
-    LabelledImages,
-    drop_unreadable,
-    load_held_out_split,
-    read_class_folders,
-    read_labelled_csv,
-)
+from .labelled import LabelledImagesDataModule
+from .labelled_index import LabelledDataError, LabelledImages
 
 __all__ = ["write_revisited_benchmark"]
 
@@ -45,10 +40,13 @@ def write_revisited_benchmark(data: LabelledImages, rows: np.ndarray, out: str |
                               copy: bool = False, overwrite: bool = False) -> Path:
     """Write the images ``rows`` of ``data`` as the Revisited data set ``<out>/<name>`` (module docstring).
 
-    ``data`` should have been through :func:`~datamodules.labelled_index.drop_unreadable` (its
-    image sizes are used). Returns the ground-truth path. Raises :class:`LabelledDataError` when
-    ``<out>/<name>`` exists (without ``overwrite``) or when no query has another image of its class.
+    ``data`` must have been through :func:`~datamodules.labelled_index.drop_unreadable` (its
+    image sizes are used; ValueError otherwise). Returns the ground-truth path. Raises
+    :class:`LabelledDataError` when ``<out>/<name>`` exists (without ``overwrite``) or when no query
+    has another image of its class.
     """
+    if data.sizes is None:
+        raise ValueError("data has no image sizes: pass it through drop_unreadable() first")
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise LabelledDataError(f"--name must be a plain name (letters, digits, _ or -), got {name!r}")
     folder = Path(out) / name
@@ -60,7 +58,7 @@ def write_revisited_benchmark(data: LabelledImages, rows: np.ndarray, out: str |
     labels = data.labels[rows]
     is_query = np.ones(len(rows), bool) if data.is_query is None else data.is_query[rows]
     paths = [os.path.abspath(data.path(i)) for i in rows]
-    sizes = (data.sizes if data.sizes is not None else drop_unreadable(data).sizes)[rows]
+    sizes = data.sizes[rows]
     imlist = [f"{k:06d}" for k in range(len(rows))]
     qimlist, gnd = [], []
     for k in np.flatnonzero(is_query):
@@ -100,15 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<name>")
     a = p.parse_args(argv)
     try:
-        data = drop_unreadable(read_labelled_csv(a.csv, a.image_root) if a.csv else read_class_folders(a.images))
-        for reason, items in data.skipped.items():
-            print(f"skipped {len(items)} {reason}, e.g. {items[:3]}", file=sys.stderr)
-        if a.all:
-            rows = np.arange(len(data))
-        elif data.split is not None:
-            rows = np.flatnonzero(data.split)
-        else:
-            rows = np.flatnonzero(load_held_out_split(data, a.val_fraction, a.seed, a.split_file)[0])
+        # the photos and the held-out split exactly as training reads and draws them
+        datamodule = LabelledImagesDataModule(images=a.images, csv=a.csv, image_root=a.image_root,
+                                              val_fraction=a.val_fraction, seed=a.seed, split_file=a.split_file)
+        data = datamodule.data
+        rows = np.arange(len(data)) if a.all else np.flatnonzero(datamodule.held_out)
         gnd = write_revisited_benchmark(data, rows, a.out, a.name, copy=a.copy, overwrite=a.overwrite)
     except Exception as exc:
         if not is_user_error(exc):

@@ -234,3 +234,16 @@ def test_resuming_with_other_held_out_photos_is_refused(tmp_path):
     moved = LabelledImagesDataModule(images=str(root), num_workers=0)
     with pytest.raises(LabelledDataError, match="the held-out photos differ from the checkpoint's.*model.init_from"):
         moved.check_checkpoint({"LabelledImagesDataModule": state})
+
+
+def test_a_class_with_every_photo_held_out_cannot_train(tmp_path):
+    for k in range(4):
+        photo(tmp_path / f"{k}.jpg", seed=k)
+    csv = write_csv(tmp_path / "df.csv", "path,label,split", ["0.jpg,a,validation", "1.jpg,a,validation",
+                                                              "2.jpg,b,train", "3.jpg,b,validation"])
+    dm = LabelledImagesDataModule(csv=str(csv), num_workers=0, batch_size=1)
+    assert dm.held_out.tolist() == [True, True, False, True]  # the split itself is fine (a benchmark can use it)
+    with pytest.raises(LabelledDataError, match=r"classes \['a'\] have no training image"):
+        dm.class_counts
+    with pytest.raises(LabelledDataError, match=r"classes \['a'\] have no training image"):
+        dm.setup("fit")
