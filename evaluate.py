@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from datamodules.r1m import R1MDataset  # noqa: E402
 from datamodules.revisited import RevisitedDataset  # noqa: E402
 from sg_train.descriptor_cache import DescriptorCache, descriptor_key, model_fingerprint  # noqa: E402
-from sg_train.errors import UserInputError, is_user_error, one_line  # noqa: E402
+from sg_train.errors import UserInputError, user_error_line  # noqa: E402
 from sg_train.eval_protocols import EVAL_PROTOCOLS, EvalProtocol, resolve_protocol  # noqa: E402
 from sg_train.extraction import bind_protocol, extract_all  # noqa: E402
 from sg_train.files import write_json  # noqa: E402
@@ -252,9 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             write_json(args.json, results_json(results))
     except Exception as exc:
-        if not is_user_error(exc):
-            raise  # a bug keeps its traceback: it must not look like bad input
-        print(f"evaluate.py: error: {one_line(exc)}", file=sys.stderr)
+        line = user_error_line(exc)  # re-raises a bug with its traceback
+        print(f"evaluate.py: error: {line}", file=sys.stderr)
         return 1
     return 0
 

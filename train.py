@@ -37,7 +37,7 @@ from callbacks.log_progress import batch_log_progress_bar  # noqa: E402
 from callbacks.run_config import SaveRunConfig  # noqa: E402
 from callbacks.skipped_images import SkippedImagesReport  # noqa: E402
 from datamodules.classification import ImageClassificationDataModule  # noqa: E402
-from sg_train.errors import is_user_error, one_line  # noqa: E402
+from sg_train.errors import user_error_line  # noqa: E402
 from sg_train.module import LandmarkRetrievalModule  # noqa: E402
 from sg_train.run_folder import (  # noqa: E402
     CHECKPOINT_DIR,
@@ -219,9 +219,8 @@ def run_command_line() -> int:
     try:
         main()
     except Exception as exc:
-        if not is_user_error(exc):
-            raise
-        print(f"train.py: error: {one_line(exc)}", file=sys.stderr)
+        line = user_error_line(exc)  # re-raises a bug with its traceback
+        print(f"train.py: error: {line}", file=sys.stderr)
         return 1
     return 0
 

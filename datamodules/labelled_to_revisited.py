@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sg_train.errors import is_user_error, one_line
+from sg_train.errors import user_error_line
 from sg_train.files import atomic_write
 from sg_train.synthetic.writers import write_revisited_gnd
 
@@ -105,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = np.arange(len(data)) if a.all else np.flatnonzero(datamodule.held_out)
         gnd = write_revisited_benchmark(data, rows, a.out, a.name, copy=a.copy, overwrite=a.overwrite)
     except Exception as exc:
-        if not is_user_error(exc):
-            raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        line = user_error_line(exc)  # re-raises a bug with its traceback
+        print(f"error: {line}", file=sys.stderr)
         return 2
     print(f"wrote {gnd} ({len(rows)} database images) and {gnd.parent / 'jpg'}")
     return 0

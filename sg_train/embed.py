@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sg_train.errors import UserInputError, is_user_error, one_line
+from sg_train.errors import UserInputError, user_error_line
 from sg_train.files import array_digest, atomic_write, write_json
 from sg_train.image_io import IMAGE_EXTENSIONS
 from sg_train.progress import progress_bar
@@ -469,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                              overwrite=args.overwrite, progress=not args.no_progress,
                              record_extra={"non_image_files": found.non_images, "duplicates": found.duplicates})
     except Exception as exc:
-        if not is_user_error(exc):
-            raise  # a bug keeps its traceback: it must not look like bad input
-        print(f"sg_train.embed: error: {one_line(exc)}", file=sys.stderr)
+        line = user_error_line(exc)  # re-raises a bug with its traceback
+        print(f"sg_train.embed: error: {line}", file=sys.stderr)
         return 1
     left_out = sum(found.non_images.values())
     by_extension = ", ".join(f"{extension or 'no extension'}: {n}" for extension, n in found.non_images.items())

@@ -11,7 +11,7 @@ nothing, so every layer of the house (the pure retrieval core included) can use 
 """
 from __future__ import annotations
 
-__all__ = ["OptionError", "UserInputError", "USER_ERRORS", "is_user_error", "one_line"]
+__all__ = ["OptionError", "UserInputError", "USER_ERRORS", "is_user_error", "one_line", "user_error_line"]
 
 
 class UserInputError(ValueError):
@@ -50,3 +50,12 @@ def one_line(exc: BaseException) -> str:
     """``exc``'s message with every run of whitespace (newlines included) made one space; the
     exception's class name when the message is empty."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def user_error_line(exc: BaseException) -> str:
+    """For a command line's ``except Exception as exc``: :func:`one_line` of ``exc`` when it is bad
+    input (:func:`is_user_error`); anything else is re-raised, so a bug keeps its traceback and never
+    looks like bad input."""
+    if not is_user_error(exc):
+        raise exc
+    return one_line(exc)

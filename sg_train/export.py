@@ -79,7 +79,7 @@ from .cvnet import (
     write_cvnet_weights,
 )
 from .eval_protocols import get_protocol
-from .errors import OptionError, UserInputError, is_user_error, one_line
+from .errors import OptionError, UserInputError, one_line, user_error_line
 from .files import atomic_write, write_json
 from .inference import model_from_checkpoint
 from .model import CONFIG_KEYS, EmbeddingModel
@@ -512,9 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         record = export_model(model, args.out, args.formats, opset=args.opset, overwrite=args.overwrite,
                               source=str(args.checkpoint))
     except Exception as exc:
-        if not is_user_error(exc):
-            raise  # a bug keeps its traceback: it must not look like bad input
-        print(f"python -m sg_train.export: error: {one_line(exc)}", file=sys.stderr)
+        line = user_error_line(exc)  # re-raises a bug with its traceback
+        print(f"python -m sg_train.export: error: {line}", file=sys.stderr)
         return 1
     out = Path(args.out)
     for fmt, entry in record["files"].items():

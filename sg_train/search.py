@@ -26,7 +26,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from sg_train.embed import Embeddings, collect_images
-from sg_train.errors import UserInputError, is_user_error, one_line
+from sg_train.errors import UserInputError, user_error_line
 
 if TYPE_CHECKING:
     from sg_train.embedder import Embedder
@@ -125,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         results = search_gallery(index, embedder, queries, top_k=args.top_k, use_faiss=args.faiss,
                                  batch_size=args.batch_size)
     except Exception as exc:
-        if not is_user_error(exc):
-            raise  # a bug keeps its traceback: it must not look like bad input
-        print(f"sg_train.search: error: {one_line(exc)}", file=sys.stderr)
+        line = user_error_line(exc)  # re-raises a bug with its traceback
+        print(f"sg_train.search: error: {line}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"index": str(index.out_dir), "checkpoint": str(embedder.checkpoint),
