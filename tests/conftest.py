@@ -1,5 +1,7 @@
 """Test-wide environment: no network, no hub look-ups, W&B offline in a temp dir; shared data."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -11,6 +13,9 @@ import tempfile
 for _var in [v for v in os.environ if v.startswith("WANDB_")]:
     del os.environ[_var]
 _WANDB_HOME = tempfile.mkdtemp(prefix="sg-train-wandb-")
+# W&B stages a copy of every artifact file here (checkpoints: ~130 MB each); a home left behind
+# by every session filled the CI disk.
+atexit.register(shutil.rmtree, _WANDB_HOME, ignore_errors=True)
 os.environ.update(
     HF_HUB_OFFLINE="1",
     NO_ALBUMENTATIONS_UPDATE="1",
