@@ -15,11 +15,13 @@ survive a resume.
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
@@ -27,9 +29,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.last_checkpoint import LastCheckpoint
 from datamodules.revisited import RevisitedDataset
+from sg_train.descriptor_cache import model_fingerprint
 from sg_train.eval_protocols import resolve_protocol
 from sg_train.errors import OptionError, UserInputError
 from sg_train.extraction import extract_descriptors, gather_descriptors
+from sg_train.figures import example_grid, example_strip, plot_retrieval_history, query_thumbnail
 from sg_train.files import write_json
 from sg_train.retrieval import (
     PROTOCOLS,
@@ -39,7 +43,15 @@ from sg_train.retrieval import (
     format_results_table,
     required_rank_columns,
 )
-from sg_train.run_folder import CHECKPOINT_DIR, LAST_CHECKPOINT, RESULTS_FILE
+from sg_train.retrieval.examples import (
+    LABELLED_RELEVANCE,
+    REVISITED_RELEVANCE,
+    QueryExample,
+    labelled_examples,
+    revisited_examples,
+    select_queries,
+)
+from sg_train.run_folder import CHECKPOINT_DIR, CURVES_FILE, EXAMPLES_DIR, LAST_CHECKPOINT, RESULTS_FILE
 
 RESULTS_FORMAT = "sg-train/retrieval-results"
 RESULTS_VERSION = 4  # 3: every evaluation records its "eval_protocol"; 4: stage "untrained" is "before_training"
@@ -107,6 +119,17 @@ class RetrievalEvalCallback(Callback):
             makes the protocol "custom".
         evaluate_before_training: also evaluate the model as fitting starts, before any step (the
             untrained model, or the starting checkpoint of a fine-tuning run): stage "before_training".
+        examples: how many queries of each dataset to show at every evaluation (0: none), spread
+            evenly over its query list so that epochs and runs show the same ones: their top
+            ``examples_k`` results before and after reranking, framed by relevance, with the
+            query's AP (:mod:`sg_train.retrieval.examples`). Drawn as
+            ``<run folder>/retrieval_examples/<dataset>/<stage>_epoch<NNN>.png`` and, with a
+            ``WandbLogger``, logged as the ``wandb.Table`` ``retrieval_examples/<dataset>``.
+        examples_k: results shown per example query.
+        log_descriptors: at the end of ``fit``, log the last evaluation's descriptors of each
+            dataset as a W&B artifact of type ``dataset`` (``queries.npy``, ``database.npy`` and the
+            ground truth or labels: the input of ``evaluate.py --descriptors``), with the epoch, the
+            protocol and the model fingerprint in its metadata.
 
     Raises :class:`~sg_train.eval_protocols.ProtocolError` at construction for an unknown protocol
     or bad scales/max_size, and at setup when the protocol fixes colours the model contradicts.
@@ -142,6 +165,9 @@ class RetrievalEvalCallback(Callback):
         protocol: str = "revisitop",
         held_out: bool = False,
         ks: list[int] = (1, 5, 10),
+        examples: int = 8,
+        examples_k: int = 5,
+        log_descriptors: bool = False,
     ) -> None:
         if every_n_epochs < 1:
             raise OptionError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -151,6 +177,9 @@ class RetrievalEvalCallback(Callback):
             raise OptionError(f"datasets {list(datasets)} need data_root, the folder that holds them")
         if not ks or any(int(k) < 1 for k in ks):
             raise OptionError(f"ks must be positive integers, got {list(ks)}")
+        if examples < 0 or examples_k < 1:
+            raise OptionError(f"examples must be >= 0 and examples_k >= 1, got examples={examples}, "
+                              f"examples_k={examples_k}")
         self.data_root = None if data_root is None else Path(data_root)
         self.datasets = list(datasets or [])
         self.held_out = bool(held_out)
@@ -163,10 +192,16 @@ class RetrievalEvalCallback(Callback):
         self.num_workers = num_workers
         self.evaluate_before_training = evaluate_before_training
         self.progress = progress
+        self.examples, self.examples_k = int(examples), int(examples_k)
+        self.log_descriptors = bool(log_descriptors)
         self.history: list[dict[str, Any]] = []
         self._evaluated_epoch: int | None = None
         # name -> (queries, database or None when it is the queries, scorer(Q, X) -> result)
         self._datasets: dict[str, tuple[Any, Any, Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]]] = {}
+        # name -> examples(Q, X) -> list[QueryExample]; and the latest evaluation's (Q, X)
+        self._examplers: dict[str, Callable[[torch.Tensor, torch.Tensor], list[QueryExample]]] = {}
+        self._descriptors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._labels: dict[str, dict[str, np.ndarray]] = {}  # labelled benchmarks: their label arrays
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for logger in trainer.loggers if trainer.is_global_zero else ():
@@ -182,6 +217,9 @@ class RetrievalEvalCallback(Callback):
             if self.rerank:
                 check_rerank_params(len(database), self.M, self.K, self.beta, what=f"the {name} database")
             self._datasets[name] = (queries, database, functools.partial(evaluate_descriptors, gnd=queries.gnd, **rerank))
+            self._examplers[name] = functools.partial(
+                revisited_examples, gnd=queries.gnd, queries=select_queries(len(queries), self.examples),
+                k=min(self.examples_k, len(database)), **rerank)
         if self.held_out:
             self._setup_held_out(trainer, preprocessing, rerank)
 
@@ -207,6 +245,12 @@ class RetrievalEvalCallback(Callback):
         scorer = functools.partial(evaluate_labelled, query_labels=bench.query_labels, gallery_labels=bench.gallery_labels,
                                    query_gallery_ids=bench.query_gallery_ids, ks=self.ks, **rerank)
         self._datasets[bench.name] = (bench.queries, None if same else bench.gallery, scorer)
+        self._labels[bench.name] = {"query_labels": bench.query_labels, "gallery_labels": bench.gallery_labels,
+                                    "query_gallery_ids": bench.query_gallery_ids}
+        self._examplers[bench.name] = functools.partial(
+            labelled_examples, query_labels=bench.query_labels, gallery_labels=bench.gallery_labels,
+            query_gallery_ids=bench.query_gallery_ids, queries=select_queries(len(bench.queries), self.examples),
+            k=min(self.examples_k, len(bench.gallery) - in_gallery), **rerank)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -239,6 +283,9 @@ class RetrievalEvalCallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.history:
+            plot_retrieval_history(self.history, Path(trainer.default_root_dir) / CURVES_FILE)
+            if self.log_descriptors:
+                self._log_descriptors(trainer)
             blocks = {}
             for stage, entry in self._latest_by_stage().items():
                 for name, result in entry["per_dataset"].items():
@@ -284,6 +331,7 @@ class RetrievalEvalCallback(Callback):
             Q = self._extract(trainer, pl_module, queries, f"{name} queries")
             X = Q if database is None else self._extract(trainer, pl_module, database, f"{name} database")
             results[name] = score(Q, X)
+            self._descriptors[name] = Q, X
         return results
 
     def _extract(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any, desc: str) -> torch.Tensor:
@@ -317,6 +365,62 @@ class RetrievalEvalCallback(Callback):
                            + _one_line(result))
         if trainer.state.fn == "fit":
             self._write_results(trainer)
+            self._show_examples(stage, entry, trainer)
+
+    def _log_descriptors(self, trainer: pl.Trainer) -> None:
+        """Log the last evaluation's descriptors of each dataset as a W&B artifact of type ``dataset``
+        named ``descriptors-<dataset>-<run id>`` (``log_descriptors``): ``queries.npy`` and
+        ``database.npy`` (float32, rows in the query / database list order), with
+        ``gnd_<dataset>.pkl`` for a Revisited dataset or ``query_labels.npy``, ``gallery_labels.npy``
+        and ``query_gallery_ids.npy`` for a labelled one."""
+        import wandb
+
+        latest = self.history[-1]
+        fingerprint = model_fingerprint(trainer.lightning_module.model)
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger) or logger.experiment.settings.mode == "disabled":
+                continue
+            run = logger.experiment
+            for name, (Q, X) in self._descriptors.items():
+                queries = self._datasets[name][0]
+                metadata = {"dataset": name, "epoch": latest["epoch"], "global_step": latest["global_step"],
+                            "stage": latest["stage"], "eval_protocol": latest["eval_protocol"],
+                            "model_fingerprint": fingerprint, "num_queries": int(Q.shape[0]),
+                            "num_database": int(X.shape[0]), "dim": int(Q.shape[1]),
+                            "metrics": latest["per_dataset"].get(name)}
+                artifact = wandb.Artifact(f"descriptors-{name}-{run.id}", type="dataset", metadata=metadata)
+                with tempfile.TemporaryDirectory() as tmp:  # add_file copies each file into W&B's staging
+                    arrays = {"queries": Q, "database": X}
+                    gnd_path = getattr(queries, "gnd_path", None)
+                    if gnd_path is not None:
+                        artifact.add_file(str(gnd_path), name=Path(gnd_path).name)
+                    else:
+                        arrays.update(self._labels[name])
+                    for key, value in arrays.items():
+                        file = Path(tmp) / f"{key}.npy"
+                        np.save(file, torch.as_tensor(value).float().numpy() if key in ("queries", "database")
+                                else np.asarray(value))
+                        artifact.add_file(str(file), name=file.name)
+                run.log_artifact(artifact, aliases=[f"epoch{latest['epoch']}"])
+
+    def _show_examples(self, stage: str, entry: dict[str, Any], trainer: pl.Trainer) -> None:
+        """Draw this evaluation's example queries of every dataset (``examples``) into the run folder
+        and, with a ``WandbLogger``, log them as the table ``retrieval_examples/<dataset>``."""
+        if not self.examples or not trainer.is_global_zero:
+            return
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        when = f"{stage}, epoch {entry['epoch']}, step {entry['global_step']}"
+        for name, (queries, database, _) in self._datasets.items():
+            examples = self._examplers[name](*self._descriptors[name])
+            gallery = queries if database is None else database
+            path = Path(trainer.default_root_dir) / EXAMPLES_DIR / name / f"{stage}_epoch{entry['epoch']:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            legend = LABELLED_RELEVANCE if name in self._labels else REVISITED_RELEVANCE
+            example_grid(examples, queries.paths, queries.boxes, gallery.paths, title=f"{name} ({when})",
+                         legend=legend).save(path)
+            for logger in loggers:
+                columns, rows = _example_table(examples, queries, gallery, stage, entry["epoch"])
+                logger.log_table(f"retrieval_examples/{name}", columns=columns, data=rows, step=trainer.global_step)
 
     def _write_results(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero:
@@ -327,6 +431,30 @@ class RetrievalEvalCallback(Callback):
     def _latest_by_stage(self) -> dict[str, dict[str, Any]]:
         """``{"before_training": ..., "trained": ...}``: the last evaluation of each stage, in that order."""
         return {entry["stage"]: entry for entry in self.history}
+
+
+def _example_table(examples: list[QueryExample], queries: Any, gallery: Any, stage: str,
+                   epoch: int) -> tuple[list[str], list[list[Any]]]:
+    """The ``wandb.Table`` columns and rows of ``examples``: the query (its box outlined), its top-k
+    before and after reranking as strips framed by relevance, the relevance words, the APs."""
+    import wandb
+
+    ap_names = list(examples[0].ap) if examples else []
+    reranked = bool(examples) and examples[0].rerank_ranks is not None
+    columns = ["stage", "epoch", "query", "query image", "results", "relevance", *(f"AP {a}" for a in ap_names)]
+    if reranked:
+        columns += ["results reranked", "relevance reranked", *(f"rerank AP {a}" for a in ap_names)]
+    rows = []
+    for e in examples:
+        row = [stage, epoch, Path(queries.paths[e.query]).name,
+               wandb.Image(query_thumbnail(queries.paths[e.query], queries.boxes[e.query])),
+               wandb.Image(example_strip([gallery.paths[r] for r in e.ranks], e.relevance)),
+               " ".join(e.relevance), *(e.ap[a] for a in ap_names)]
+        if reranked:
+            row += [wandb.Image(example_strip([gallery.paths[r] for r in e.rerank_ranks], e.rerank_relevance)),
+                    " ".join(e.rerank_relevance), *(e.rerank_ap[a] for a in ap_names)]
+        rows.append(row)
+    return columns, rows
 
 
 def _one_line(result: dict[str, Any]) -> str:

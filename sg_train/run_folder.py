@@ -8,6 +8,8 @@ Layout (``<run>`` is ``trainer.default_root_dir``)::
     <run>/checkpoints/last.ckpt    the latest state, rewritten after every epoch (resume from it)
     <run>/checkpoints/<best>.ckpt  the best checkpoint(s) by the configured monitor
     <run>/results.json             every retrieval evaluation of the run, in order
+    <run>/retrieval_curves.png     the retrieval metrics over the epochs (written at the end of fit)
+    <run>/retrieval_examples/<dataset>/<stage>_epoch<NNN>.png   what the model retrieves, per evaluation
     <run>/skipped_images.tsv       images the data pipeline could not read
     <run>/wandb/                   the W&B run files (offline runs: ``wandb sync <run>/wandb/offline-run-*``)
 
@@ -31,6 +33,8 @@ from sg_train.files import atomic_write
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "CURVES_FILE",
+    "EXAMPLES_DIR",
     "LAST_CHECKPOINT",
     "RESULTS_FILE",
     "RUN_FILE",
@@ -51,6 +55,8 @@ RUN_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 RESULTS_FILE = "results.json"
+CURVES_FILE = "retrieval_curves.png"
+EXAMPLES_DIR = "retrieval_examples"
 # run.json is written once every pre-flight check has passed; a logger folder alone (W&B creates its
 # folder before the setup checks run) does not make a folder taken.
 _EARLIER_RUN_MARKERS = (RUN_FILE, RESULTS_FILE, "skipped_images.tsv")

@@ -120,6 +120,20 @@ def config(path: str | Path) -> dict:
     return merged
 
 
+def summary(path: str | Path) -> dict:
+    """The run's summary as its records leave it: every ``summary`` record's updates in order (what
+    ``run.summary[...] = ...`` sets, and what wandb-core copies from each history row), removals
+    applied; nested keys joined with "/". A ``wandb.Table`` reads as its file reference."""
+    merged: dict = {}
+    for record in iter_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                merged[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            for item in record.summary.remove:
+                merged.pop(item.key or "/".join(item.nested_key), None)
+    return merged
+
+
 def metric_definitions(path: str | Path) -> dict[str, dict]:
     """``define_metric`` calls of the run: ``{name or glob: {"summary": [...], "goal": ...}}``."""
     out = {}
@@ -132,12 +146,14 @@ def metric_definitions(path: str | Path) -> dict[str, dict]:
 
 
 def artifacts(path: str | Path) -> list[dict]:
-    """The artifacts the run logged: ``{"name", "type", "aliases", "metadata", "files"}`` each."""
+    """The artifacts the run logged: ``{"name", "type", "aliases", "metadata", "files", "local"}`` each
+    (``local``: file name -> the staged copy W&B uploads at ``wandb sync``)."""
     out = []
     for record in iter_records(path):
         if record.WhichOneof("record_type") == "artifact":
             a = record.artifact
             out.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
                         "metadata": json.loads(a.metadata) if a.metadata else {},
-                        "files": [entry.path for entry in a.manifest.contents]})
+                        "files": [entry.path for entry in a.manifest.contents],
+                        "local": {entry.path: Path(entry.local_path) for entry in a.manifest.contents}})
     return out
