@@ -6,6 +6,8 @@
         --datasets rsynth [--protocol revisitop|superglobal] [--rerank] [--json out.json]
     python evaluate.py --cvnet-weights CVPR2022_CVNet_R101.pyth --depth 101 --data-root data/revisitop \
         --datasets roxford5k rparis6k --relu-plus --rgem --gemp --sgem --rerank [--r1m data/revisitop1m]
+    python evaluate.py --descriptors Q.npy X.npy --gnd gnd_roxford5k.pkl --rerank --M 100 400 --K 3 9 \
+        [--qe-n 0 2 --dba-n 0 2] [--wandb PROJECT]
 
 Model mode preprocesses and extracts under an evaluation protocol (``sg_train/eval_protocols.py``):
 ``superglobal`` (SuperGlobal's published test code: ``int()`` query crop, scales 0.7071/1/1.4142
@@ -18,7 +20,8 @@ has it), cached with ``--cache-dir`` (keyed by model, protocol and data, reused 
 unchanged); with ``--r1m`` the R1M distractors go into a resumable fp16 memory map and
 ``<dataset>+r1m`` is reported too. ``--relu-plus --rgem --gemp --sgem`` switch SuperGlobal's
 components on. The protocol is printed above the table and written, with every setting, into
-each dataset's ``--json`` entry as ``"eval_protocol"``.
+each dataset's ``--json`` entry as ``"eval_protocol"``, the model's fingerprint (the descriptor
+cache's key, ``sg_train/descriptor_cache.py``) as ``"model_fingerprint"``.
 
 Descriptor mode:
 
@@ -28,6 +31,21 @@ database works). Prints the paper's table (E/M/H mAP in %, without and with Supe
 reranking) and optionally writes ``{"<dataset>": {"mAP": {"E", "M", "H"}, "rerank_mAP": {...},
 "mP": ..., "rerank_mP": ...}}`` with values in [0, 1]; the dataset name comes from the
 gnd file name (gnd_<name>.pkl). Bad input: one line on stderr and exit status 1; a bug: its traceback.
+
+Post-processing and grids:
+
+``--dba-n``/``--dba-alpha`` (αDBA on the database), ``--qe-n``/``--qe-alpha`` (αQE on the queries
+from their first ranking), both off by default (n = 0), then the search, then SuperGlobal reranking
+of the top M with ``--rerank`` (``sg_train/retrieval/sweep.py``: the order, and αQE/αDBA of
+Radenović et al., TPAMI 2019). ``--M``, ``--K``, ``--beta`` and the four αQE/αDBA options take
+several values: every combination is a point of one grid, evaluated on the same descriptors
+(loaded or extracted once; the search and the numbers without reranking once per αDBA/αQE
+setting). Every point is checked before any extraction or search. One point prints the table
+above; a grid prints one row per point (``*``: the best, by the mean over the datasets of the
+Medium mAP of the final ranking) and ``--json`` writes ``{"format": "sg-train/sweep", "best",
+"points": [{"params", "score", "results": {<dataset>: ... as above}}]}``. ``--wandb [PROJECT]``
+logs every point as one row of one W&B run (mode: ``sg_train/wandb_mode.py``; ``WANDB_RUN_ID``,
+as a sweep agent sets it, joins that run); ``configs/sweeps/rerank.yaml`` is a W&B sweep over it.
 """
 from __future__ import annotations
 
@@ -46,7 +64,8 @@ import torch  # noqa: E402
 from datamodules.r1m import R1MDataset  # noqa: E402
 from datamodules.revisited import RevisitedDataset  # noqa: E402
 from sg_train.descriptor_cache import DescriptorCache, descriptor_key, model_fingerprint  # noqa: E402
-from sg_train.errors import UserInputError, user_error_line  # noqa: E402
+from callbacks.retrieval_eval import flat_metrics  # noqa: E402
+from sg_train.errors import OptionError, UserInputError, user_error_line  # noqa: E402
 from sg_train.eval_protocols import EVAL_PROTOCOLS, EvalProtocol, resolve_protocol  # noqa: E402
 from sg_train.extraction import bind_protocol, extract_all  # noqa: E402
 from sg_train.files import write_json  # noqa: E402
@@ -56,12 +75,28 @@ from sg_train.r1m_extraction import R1MDescriptors, R1MExtractionError, extract_
 from sg_train.retrieval import (  # noqa: E402
     BACKENDS,
     INDEX_TYPES,
-    check_rerank_params,
+    SWEEP_PARAMS,
+    RetrievalInputError,
+    SweepPoint,
+    best_point,
+    check_sweep_point,
     dataset_name,
-    evaluate_descriptors,
+    evaluate_sweep,
     format_results_table,
+    format_sweep_table,
     load_gnd,
+    sweep_points,
+    sweep_score,
 )
+from sg_train.wandb_mode import resolve_wandb_mode  # noqa: E402
+
+#: what ``--json`` keeps of a dataset's result
+RESULT_KEYS = ("mAP", "rerank_mAP", "mP", "rerank_mP", "eval_protocol", "model_fingerprint")
+#: the options that say where the descriptors come from (the W&B run's ``source``)
+SOURCE_OPTIONS = ("descriptors", "gnd", "checkpoint", "cvnet_weights", "depth", "data_root", "datasets", "r1m",
+                  "relu_plus", "rgem", "gemp", "sgem")
+SWEEP_FORMAT, SWEEP_VERSION = "sg-train/sweep", 1
+SCORE = "mean over the datasets of the Medium mAP of the final ranking (after reranking with --rerank)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,10 +142,56 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FAISS index for --backend faiss (default: exact flat)")
     parser.add_argument("--topk", type=int, default=1000,
                         help="items ranked explicitly per query; the rest are placed exactly by counting")
-    parser.add_argument("--M", type=int, default=400, help="reranking: top-M reordered (default 400)")
-    parser.add_argument("--K", type=int, default=9, help="reranking: neighbours besides itself (default 9)")
-    parser.add_argument("--beta", type=float, default=0.15, help="reranking: neighbour weight (default 0.15)")
+    grid = parser.add_argument_group(
+        "post-processing and reranking; several values make a grid of every combination, on the same descriptors",
+        "order: αDBA on the database, αQE on the queries from their first ranking, the search, SuperGlobal "
+        "reranking of its top M (--rerank); αQE/αDBA: Radenović et al., TPAMI 2019")
+    grid.add_argument("--M", nargs="+", type=int, default=[400], help="reranking: top-M reordered (default 400)")
+    grid.add_argument("--K", nargs="+", type=int, default=[9], help="reranking: neighbours besides itself (default 9)")
+    grid.add_argument("--beta", nargs="+", type=float, default=[0.15],
+                      help="reranking: neighbour weight (default 0.15)")
+    grid.add_argument("--qe-n", nargs="+", type=int, default=[0], metavar="N",
+                      help="αQE: top-N database items added to each query (default 0: off; e.g. 2)")
+    grid.add_argument("--qe-alpha", nargs="+", type=float, default=[3.0], metavar="A",
+                      help="αQE: exponent of their similarity weights (default 3)")
+    grid.add_argument("--dba-n", nargs="+", type=int, default=[0], metavar="N",
+                      help="αDBA: each database item becomes the weighted sum of its top-N neighbours, itself "
+                           "first (default 0: off; e.g. 2)")
+    grid.add_argument("--dba-alpha", nargs="+", type=float, default=[3.0], metavar="A",
+                      help="αDBA: exponent of their similarity weights (default 3)")
+    tracking = parser.add_argument_group("W&B")
+    tracking.add_argument("--wandb", nargs="?", const="", metavar="PROJECT",
+                       help="log every point (parameters and metrics) as one row of one W&B run, in PROJECT "
+                            "(default: WANDB_PROJECT); WANDB_MODE decides online/offline/disabled, WANDB_RUN_ID "
+                            "(set by a sweep agent) joins that run")
+    tracking.add_argument("--wandb-entity", help="W&B entity (team or user)")
+    tracking.add_argument("--wandb-name", help="W&B run name")
+    tracking.add_argument("--wandb-group", help="W&B run group")
     return parser
+
+
+def grid_points(args: argparse.Namespace) -> list[SweepPoint]:
+    """The grid of the options: every combination of their values (:func:`sweep_points`)."""
+    return sweep_points(rerank=args.rerank, **{name: getattr(args, name) for name in SWEEP_PARAMS})
+
+
+def point_options(point: SweepPoint) -> str:
+    """The options that select ``point`` alone, e.g. ``--qe-n 2 --qe-alpha 3.0 --M 400 --K 9 --beta 0.15``."""
+    shown = {name: value for name, value in point.params().items() if value is not None}
+    for off in ("dba_n", "qe_n"):
+        if shown.get(off) == 0:
+            del shown[off]
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in shown.items())
+
+
+def check_points(points: list[SweepPoint], num_database: int, what: str) -> None:
+    """Every point against a database of ``num_database`` images (``what``), before any extraction
+    or search; :class:`OptionError` names the point's options, the bad value and the fix."""
+    for point in points:
+        try:
+            check_sweep_point(point, num_database, what=what)
+        except RetrievalInputError as exc:
+            raise OptionError(f"{point_options(point)}: {exc}") from None
 
 
 def _load_matrix(path: str, what: str, mmap: bool) -> np.ndarray:
@@ -130,18 +211,21 @@ def _load_matrix(path: str, what: str, mmap: bool) -> np.ndarray:
     return arr
 
 
-def evaluate_descriptor_files(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def search_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The search settings of the options, as :func:`evaluate_sweep` takes them."""
+    return {"backend": args.backend, "topk": args.topk, "faiss_index": args.faiss_index}
+
+
+def evaluate_descriptor_files(args: argparse.Namespace, points: list[SweepPoint]) -> dict[str, list[dict[str, Any]]]:
+    """``{dataset: [one result per point]}`` for the ``--descriptors`` files, loaded once."""
     q_path, x_path = args.descriptors
     if not os.path.isfile(args.gnd):
         raise FileNotFoundError(f"ground-truth file not found: {args.gnd}")
     gnd = load_gnd(args.gnd)
     Q = _load_matrix(q_path, "query descriptor", mmap=False)
     X = _load_matrix(x_path, "database descriptor", mmap=True)
-    if args.rerank:  # before the search: a database too small for K fails at once
-        check_rerank_params(X.shape[0], args.M, args.K, args.beta, what=f"database descriptor file {x_path}")
-    res = evaluate_descriptors(Q, X, gnd, rerank=args.rerank, M=args.M, K=args.K, beta=args.beta,
-                               backend=args.backend, topk=args.topk, faiss_index=args.faiss_index)
-    return {dataset_name(args.gnd): res}
+    check_points(points, X.shape[0], what=f"database descriptor file {x_path}")  # before the search
+    return {dataset_name(args.gnd): evaluate_sweep(Q, X, gnd, points, **search_options(args))}
 
 
 def protocol_of(args: argparse.Namespace) -> EvalProtocol:
@@ -172,7 +256,10 @@ def with_distractors(X: torch.Tensor, r1m: R1MDescriptors, path: Path) -> np.mem
     return np.load(path, mmap_mode="r")
 
 
-def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def evaluate_model(args: argparse.Namespace, points: list[SweepPoint]) -> dict[str, list[dict[str, Any]]]:
+    """``{dataset: [one result per point]}`` (and ``<dataset>+r1m`` with ``--r1m``), each dataset's
+    descriptors extracted once (or read from ``--cache-dir``); every result records the protocol
+    and the model's fingerprint."""
     protocol = protocol_of(args)
     model = load_model(args)
     extractor = bind_protocol(model, protocol)  # refuses a model whose colours contradict the protocol
@@ -183,7 +270,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     extraction = {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": device,
                   "progress": not args.no_progress}
     cache = DescriptorCache(args.cache_dir, dtype="float16" if args.cache_fp16 else "float32") if args.cache_dir else None
-    fingerprint = model_fingerprint(model) if cache is not None else None
+    fingerprint = model_fingerprint(model)
 
     def descriptors(dataset: RevisitedDataset) -> torch.Tensor:
         def compute() -> torch.Tensor:
@@ -194,11 +281,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         return cache.get_or_compute(descriptor_key(fingerprint, dataset, protocol), compute)
 
     benchmarks = {}
-    for name in args.datasets:  # every benchmark read (and its reranking checked) before any extraction
+    for name in args.datasets:  # every benchmark read (and every point checked) before any extraction
         queries = RevisitedDataset(args.data_root, name, "query", **preprocessing)
         database = RevisitedDataset(args.data_root, name, "database", **preprocessing)
-        if args.rerank:
-            check_rerank_params(len(database), args.M, args.K, args.beta, what=f"{name} ({database.gnd_path})")
+        check_points(points, len(database), what=f"{name} ({database.gnd_path})")
         benchmarks[name] = queries, database
 
     r1m = None
@@ -209,27 +295,102 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         except R1MExtractionError:
             distractors = R1MDataset(args.r1m, **preprocessing, progress=not args.no_progress)
             r1m = extract_r1m(extractor, distractors, out, **extraction)
-    results: dict[str, dict[str, Any]] = {}
-    search = {"rerank": args.rerank, "M": args.M, "K": args.K, "beta": args.beta, "backend": args.backend,
-              "topk": args.topk, "faiss_index": args.faiss_index}
-    recorded = {"eval_protocol": protocol.describe()}
+    results: dict[str, list[dict[str, Any]]] = {}
+    recorded = {"eval_protocol": protocol.describe(), "model_fingerprint": fingerprint}
+
+    def evaluate(Q, X, gnd) -> list[dict[str, Any]]:
+        return [{**res, **recorded} for res in evaluate_sweep(Q, X, gnd, points, **search_options(args))]
+
     for name, (queries, database) in benchmarks.items():
         Q, X = descriptors(queries), descriptors(database)
-        results[name] = {**evaluate_descriptors(Q, X, queries.gnd, **search), **recorded}
+        results[name] = evaluate(Q, X, queries.gnd)
         if r1m is not None:
             with tempfile.TemporaryDirectory(dir=r1m.out_dir) as scratch:
                 combined = with_distractors(X, r1m, Path(scratch) / "database+r1m.npy")
-                results[f"{name}+r1m"] = {**evaluate_descriptors(Q, combined, queries.gnd["gnd"], **search), **recorded}
+                results[f"{name}+r1m"] = evaluate(Q, combined, queries.gnd["gnd"])
                 del combined
     return results
 
 
 def results_json(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The numbers of ``results`` that go to ``--json``, with the evaluation protocol of model mode
-    (``"eval_protocol"``: every setting, see :meth:`EvalProtocol.describe`). NaN, for an E/M/H
-    protocol without any query that has positives, is written as null by :func:`sg_train.files.write_json`."""
-    keys = ("mAP", "rerank_mAP", "mP", "rerank_mP", "eval_protocol")
-    return {name: {k: res[k] for k in keys if k in res} for name, res in results.items()}
+    """The numbers of ``results`` (``{dataset: one point's result}``) that go to ``--json``, with
+    the evaluation protocol (``"eval_protocol"``: every setting, see :meth:`EvalProtocol.describe`)
+    and ``"model_fingerprint"`` of model mode. NaN, for an E/M/H protocol without any query that
+    has positives, is written as null by :func:`sg_train.files.write_json`."""
+    return {name: {k: res[k] for k in RESULT_KEYS if k in res} for name, res in results.items()}
+
+
+def at_point(results: dict[str, list[dict[str, Any]]], i: int) -> dict[str, dict[str, Any]]:
+    """``{dataset: result}`` of point ``i``."""
+    return {name: res[i] for name, res in results.items()}
+
+
+def expansions(point: SweepPoint) -> str | None:
+    """The line saying which of αDBA/αQE a single-point run applied, None for neither."""
+    steps = [f"{name} (n={n}, alpha={alpha:g})" for name, n, alpha in
+             (("αDBA", point.dba_n, point.dba_alpha), ("αQE", point.qe_n, point.qe_alpha)) if n]
+    return f"before the search: {', then '.join(steps)}" if steps else None
+
+
+def report(points: list[SweepPoint], results: dict[str, list[dict[str, Any]]], best: int | None) -> str:
+    """The printed table: the paper's layout for one point, one row per point for a grid."""
+    if len(points) == 1:
+        table = format_results_table(at_point(results, 0))
+        line = expansions(points[0])
+        return f"{line}\n{table}" if line else table
+    return f"{format_sweep_table(points, results, best)}\n* best point: {SCORE}"
+
+
+def sweep_json(points: list[SweepPoint], results: dict[str, list[dict[str, Any]]], scores: list[float],
+               best: int | None) -> dict[str, Any]:
+    """What ``--json`` writes: for one point ``{dataset: ...}`` (:func:`results_json`, with the αDBA/αQE
+    ``"params"`` when it applied one); for a grid every point with its parameters, score and results."""
+    if len(points) == 1:
+        out = results_json(at_point(results, 0))
+        if expansions(points[0]):
+            for entry in out.values():
+                entry["params"] = points[0].params()
+        return out
+    return {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "score": SCORE, "best": best,
+            "points": [{"params": point.params(), "score": scores[i], "results": results_json(at_point(results, i))}
+                       for i, point in enumerate(points)]}
+
+
+def point_row(i: int, point: SweepPoint, results: dict[str, list[dict[str, Any]]], score: float) -> dict[str, Any]:
+    """Point ``i`` as one W&B row: ``point``, its parameters, ``<dataset>/mAP_E`` ... ``<dataset>/rerank_mAP_H``
+    and ``score``."""
+    row: dict[str, Any] = {"point": i, **{k: v for k, v in point.params().items() if v is not None}}
+    for name, res in results.items():
+        row.update({f"{name}/{metric}": value for metric, value in flat_metrics(res[i]).items()})
+    row["score"] = score
+    return row
+
+
+def log_to_wandb(args: argparse.Namespace, mode: str, points: list[SweepPoint],
+                 results: dict[str, list[dict[str, Any]]], scores: list[float], best: int | None) -> None:
+    """One W&B run (``WANDB_RUN_ID`` joins that run): the evaluation in its config (source, datasets,
+    protocol, model fingerprint, search, the grid's values), each point as one history row of
+    ``sweep/<column>`` (:func:`point_row`), a ``sweep/points`` table of them all, and the best point's
+    columns as ``best/<column>`` in the summary."""
+    import wandb
+
+    first = next(iter(results.values()))[0]
+    config = {"source": {k: getattr(args, k) for k in SOURCE_OPTIONS if getattr(args, k) not in (None, False)},
+              "datasets": list(results), "eval_protocol": first.get("eval_protocol"),
+              "model_fingerprint": first.get("model_fingerprint"), "search": search_options(args),
+              "rerank": args.rerank, "points": len(points),
+              "grid": {name: getattr(args, name) for name in SWEEP_PARAMS
+                       if args.rerank or name not in ("M", "K", "beta")}}
+    run = wandb.init(project=args.wandb or None, entity=args.wandb_entity, name=args.wandb_name,
+                     group=args.wandb_group, job_type="evaluate", mode=mode, config=config)
+    rows = [point_row(i, point, results, scores[i]) for i, point in enumerate(points)]
+    for row in rows:
+        run.log({f"sweep/{column}": value for column, value in row.items()})
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    run.summary["sweep/points"] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+    if best is not None:
+        run.summary.update({f"best/{column}": value for column, value in rows[best].items()})
+    run.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,11 +407,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cvnet-weights needs --depth 50|101")
     if args.r1m and not (args.r1m_out or args.cache_dir):
         parser.error("--r1m needs --r1m-out DIR or --cache-dir DIR for its 1M descriptors")
+    if not args.rerank and max(len(args.M), len(args.K), len(args.beta)) > 1:
+        parser.error("several --M/--K/--beta values make a grid of reranking settings: add --rerank")
+    if args.wandb is None and (args.wandb_entity or args.wandb_name or args.wandb_group):
+        parser.error("--wandb-entity/--wandb-name/--wandb-group need --wandb [PROJECT]")
+    points = grid_points(args)
     try:
-        results = evaluate_descriptor_files(args) if args.descriptors else evaluate_model(args)
-        print(format_results_table(results))
+        if args.wandb is not None:  # decided before any work: a bad WANDB_MODE fails at once
+            wandb_mode, note = resolve_wandb_mode(offline=False)
+            if note:
+                print(f"evaluate.py: {note}", file=sys.stderr)
+        results = evaluate_descriptor_files(args, points) if args.descriptors else evaluate_model(args, points)
+        scores = [sweep_score(at_point(results, i)) for i in range(len(points))]
+        best = best_point(scores)
+        print(report(points, results, best))
         if args.json:
-            write_json(args.json, results_json(results))
+            write_json(args.json, sweep_json(points, results, scores, best))
+        if args.wandb is not None:
+            log_to_wandb(args, wandb_mode, points, results, scores, best)
     except Exception as exc:
         line = user_error_line(exc)  # re-raises a bug with its traceback
         print(f"evaluate.py: error: {line}", file=sys.stderr)

@@ -58,10 +58,10 @@ def test_write_json_keeps_the_old_file_when_the_object_is_not_json(tmp_path):
 
 
 def test_evaluate_json_is_strict_for_numpy_and_non_finite_numbers(tmp_path, monkeypatch, capsys):
-    def fake_results(args):
+    def fake_results(args, points):  # one result per sweep point (a single point here)
         nan32 = np.float32("nan")
-        return {"toy": {"mAP": {"E": np.float64(0.5), "M": nan32, "H": math.inf},
-                        "mP": {"E": {1: nan32, 5: 0.5}}, "search": {"topk": 3}}}
+        return {"toy": [{"mAP": {"E": np.float64(0.5), "M": nan32, "H": math.inf},
+                        "mP": {"E": {1: nan32, 5: 0.5}}, "search": {"topk": 3}}]}
 
     monkeypatch.setattr(evaluate_cli, "evaluate_descriptor_files", fake_results)
     out = tmp_path / "out.json"

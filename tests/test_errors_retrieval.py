@@ -170,7 +170,7 @@ def test_evaluate_cli_descriptor_mode_refuses_a_small_database_before_the_search
     def no_evaluation(*args, **kwargs):
         raise AssertionError("evaluated before checking the reranking parameters")
 
-    monkeypatch.setattr(evaluate_cli, "evaluate_descriptors", no_evaluation)
+    monkeypatch.setattr(evaluate_cli, "evaluate_sweep", no_evaluation)
     argv = ["--descriptors", str(tmp_path / "Q.npy"), str(tmp_path / "X.npy"), "--gnd", str(tmp_path / "gnd_tiny.pkl"),
             "--rerank"]
     assert evaluate_cli.main(argv) == 1

@@ -6,21 +6,86 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ._checks import RetrievalInputError
 from .faiss_search import faiss_search
+from .ground_truth import GndEntries
 from .labelled_metrics import labelled_retrieval_metrics, required_rank_columns
 from .rerank import check_rerank_params, superglobal_rerank
 from .revisited_map import revisited_map_topk
 from .search import search
-from .tail import check_against_gnd, search_with_tail, tail_positions
+from .tail import TailPositions, check_against_gnd, search_with_tail, tail_positions
 
-__all__ = ["evaluate_descriptors", "evaluate_labelled", "format_results_table", "BACKENDS"]
+__all__ = ["RankedDescriptors", "evaluate_descriptors", "evaluate_labelled", "format_results_table",
+           "rank_descriptors", "BACKENDS"]
 
 BACKENDS = ("torch", "faiss")
+
+
+@dataclass(frozen=True)
+class RankedDescriptors:
+    """The search stage of :func:`evaluate_descriptors`, kept so that many SuperGlobal settings
+    rerank one search: ``idx`` (nq, k) LongTensor, the top-k per query, best first; ``tail`` the
+    full-ranking positions of the ground-truth items beyond it; ``scores`` ``{"mAP": {E, M, H},
+    "mP": {...}}`` of the ranking without reranking (values in [0, 1]); ``search_record`` what
+    searched (backend, top-k, recall of approximate FAISS indices). Made by :func:`rank_descriptors`."""
+
+    Q: Any
+    X: Any
+    entries: GndEntries
+    idx: torch.Tensor
+    tail: TailPositions
+    kappas: tuple[int, ...]
+    scores: dict[str, Any]
+    search_record: dict[str, Any]
+
+    def rerank(self, M: int, K: int, beta: float) -> dict[str, Any]:
+        """``{"rerank_mAP": {E, M, H}, "rerank_mP": {...}}`` after ``superglobal_rerank(M, K, beta)``
+        of the top-M, the counted tail shared. Raises :class:`RetrievalInputError` for parameters
+        :func:`check_rerank_params` refuses or an M beyond the ranked columns (rank with it)."""
+        n = int(self.X.shape[0])
+        check_rerank_params(n, M, K, beta)
+        if min(M, n) > self.idx.shape[1]:
+            raise RetrievalInputError(f"reranking M={M} needs the top {min(M, n)} ranked, but the search kept "
+                                      f"{self.idx.shape[1]}: pass M to rank_descriptors(rerank_settings=...)")
+        reranked = superglobal_rerank(self.Q, self.X, self.idx, M=M, K=K, beta=beta)
+        rr = revisited_map_topk(self.Q, self.X, reranked, self.entries, self.kappas, tail=self.tail)
+        return {"rerank_mAP": {p: rr[p]["mAP"] for p in rr}, "rerank_mP": {p: rr[p]["mP"] for p in rr}}
+
+
+def rank_descriptors(Q, X, gnd, *, rerank_settings: Sequence[tuple[int, int, float]] = (), backend: str = "torch",
+                     topk: int = 1000, kappas: Sequence[int] = (1, 5, 10), chunk_size: int | None = None,
+                     faiss_index: str = "flat", faiss_options: Mapping[str, Any] | None = None) -> RankedDescriptors:
+    """Search ``Q`` (nq, D) against ``X`` (n, D) and score the ranking: the first stage of
+    :func:`evaluate_descriptors` (see there for the inputs and the search), without reranking.
+
+    ``rerank_settings``: the ``(M, K, beta)`` that :meth:`RankedDescriptors.rerank` will be asked
+    for; each is checked (:func:`check_rerank_params`) before the search, and the search keeps the
+    top ``max(topk, M)`` for the largest M (the whole database if smaller).
+    """
+    entries = check_against_gnd(Q, X, gnd)
+    n = int(X.shape[0])
+    if backend not in BACKENDS:
+        raise RetrievalInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    for M, K, beta in rerank_settings:
+        check_rerank_params(n, M, K, beta)
+    k = min(n, max([int(topk), 1] + [M for M, _, _ in rerank_settings]))
+
+    info: dict[str, Any] = {"backend": backend, "topk": k}
+    if backend == "torch":
+        idx, _, tail = search_with_tail(Q, X, k, entries, chunk_size=chunk_size)
+    else:
+        idx, _, extra = faiss_search(Q, X, k, index=faiss_index, chunk_size=chunk_size, **dict(faiss_options or {}))
+        info.update(extra)
+        tail = tail_positions(Q, X, idx, entries, chunk_size=chunk_size)
+    kappas = tuple(kappas)
+    base = revisited_map_topk(Q, X, idx, entries, kappas, tail=tail)
+    scores = {"mAP": {p: base[p]["mAP"] for p in base}, "mP": {p: base[p]["mP"] for p in base}}
+    return RankedDescriptors(Q, X, entries, idx, tail, kappas, scores, info)
 
 
 def evaluate_descriptors(Q, X, gnd, *, rerank: bool = True, M: int = 400, K: int = 9, beta: float = 0.15,
@@ -40,34 +105,20 @@ def evaluate_descriptors(Q, X, gnd, *, rerank: bool = True, M: int = 400, K: int
     (``faiss_index`` flat / ivf / hnsw, ``faiss_options`` passed to ``faiss_search``; the tail is
     then counted in a second pass). X may be an fp16 ``np.memmap``. Reranking parameters are
     checked (:func:`check_rerank_params`) before the search; all-zero descriptor rows raise.
+    The two stages are :func:`rank_descriptors` and :meth:`RankedDescriptors.rerank` (many
+    reranking settings on one search: :func:`~sg_train.retrieval.sweep.evaluate_sweep`).
 
     Returns ``{"mAP": {"E", "M", "H"}, "mP": {"E": {1: .., 5: .., 10: ..}, ...}}`` plus
     ``"rerank_mAP"`` and ``"rerank_mP"`` when reranking, values in [0, 1], and ``"search"``
     (backend, top-k, and for approximate FAISS indices their recall@k against exact search).
     """
-    entries = check_against_gnd(Q, X, gnd)
-    n = int(X.shape[0])
-    if backend not in BACKENDS:
-        raise RetrievalInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    ranked = rank_descriptors(Q, X, gnd, rerank_settings=[(M, K, beta)] if rerank else [], backend=backend,
+                              topk=topk, kappas=kappas, chunk_size=chunk_size, faiss_index=faiss_index,
+                              faiss_options=faiss_options)
+    out = dict(ranked.scores)
     if rerank:
-        check_rerank_params(n, M, K, beta)
-    k = min(n, max(int(topk), M if rerank else 1))
-
-    info: dict[str, Any] = {"backend": backend, "topk": k}
-    if backend == "torch":
-        idx, _, tail = search_with_tail(Q, X, k, entries, chunk_size=chunk_size)
-    else:
-        idx, _, extra = faiss_search(Q, X, k, index=faiss_index, chunk_size=chunk_size, **dict(faiss_options or {}))
-        info.update(extra)
-        tail = tail_positions(Q, X, idx, entries, chunk_size=chunk_size)
-    base = revisited_map_topk(Q, X, idx, entries, kappas, tail=tail)
-    out: dict[str, Any] = {"mAP": {p: base[p]["mAP"] for p in base}, "mP": {p: base[p]["mP"] for p in base}}
-    if rerank:
-        reranked = superglobal_rerank(Q, X, idx, M=M, K=K, beta=beta)
-        rr = revisited_map_topk(Q, X, reranked, entries, kappas, tail=tail)
-        out["rerank_mAP"] = {p: rr[p]["mAP"] for p in rr}
-        out["rerank_mP"] = {p: rr[p]["mP"] for p in rr}
-    out["search"] = info
+        out.update(ranked.rerank(M, K, beta))
+    out["search"] = ranked.search_record
     return out
 
 
