@@ -68,6 +68,8 @@ from callbacks.retrieval_eval import flat_metrics  # noqa: E402
 from sg_train.errors import OptionError, UserInputError, user_error_line  # noqa: E402
 from sg_train.eval_protocols import EVAL_PROTOCOLS, EvalProtocol, resolve_protocol  # noqa: E402
 from sg_train.extraction import bind_protocol, extract_all  # noqa: E402
+from sg_train.figures import example_grid  # noqa: E402
+from sg_train.retrieval.examples import revisited_examples, select_queries  # noqa: E402
 from sg_train.files import write_json  # noqa: E402
 from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
 from sg_train.model import EmbeddingModel  # noqa: E402
@@ -135,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--cache-dir", metavar="DIR", help="cache descriptors here, keyed by model and data")
     model.add_argument("--cache-fp16", action="store_true", help="store cached descriptors as float16")
     model.add_argument("--no-progress", action="store_true", help="no progress bars")
+    model.add_argument("--examples-dir", metavar="DIR",
+                       help="draw what the model retrieves for a few queries of each dataset into DIR/<dataset>.png: "
+                            "top-k before and after reranking, framed by relevance, with each query's AP")
+    model.add_argument("--examples", type=int, default=8, metavar="N",
+                       help="queries drawn per dataset, spread evenly over the query list (default 8)")
+    model.add_argument("--examples-k", type=int, default=5, metavar="K", help="results drawn per query (default 5)")
     parser.add_argument("--rerank", action="store_true", help="also report SuperGlobal reranking")
     parser.add_argument("--json", metavar="FILE", help="write the numbers (values in [0, 1]) to this JSON file")
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="search backend (default: torch)")
@@ -304,12 +312,29 @@ def evaluate_model(args: argparse.Namespace, points: list[SweepPoint]) -> dict[s
     for name, (queries, database) in benchmarks.items():
         Q, X = descriptors(queries), descriptors(database)
         results[name] = evaluate(Q, X, queries.gnd)
+        if args.examples_dir:
+            draw_examples(args, points[0], name, queries, database, Q, X)
         if r1m is not None:
             with tempfile.TemporaryDirectory(dir=r1m.out_dir) as scratch:
                 combined = with_distractors(X, r1m, Path(scratch) / "database+r1m.npy")
                 results[f"{name}+r1m"] = evaluate(Q, combined, queries.gnd["gnd"])
                 del combined
     return results
+
+
+def draw_examples(args: argparse.Namespace, point: SweepPoint, name: str, queries: RevisitedDataset,
+                  database: RevisitedDataset, Q: torch.Tensor, X: torch.Tensor) -> Path:
+    """``--examples-dir``: the example grid of ``name`` (the training callback's picture) at
+    ``<examples-dir>/<name>.png``, reranked with ``point``'s setting when it reranks."""
+    rerank = {"rerank": point.reranks, **({"M": point.M, "K": point.K, "beta": point.beta} if point.reranks else {})}
+    examples = revisited_examples(Q, X, queries.gnd, select_queries(len(queries), args.examples),
+                                  k=min(args.examples_k, len(database)), **rerank)
+    path = Path(args.examples_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{name} ({args.checkpoint or args.cvnet_weights})"
+    example_grid(examples, queries.paths, queries.boxes, database.paths, title=title).save(path)
+    print(f"wrote {path}", flush=True)
+    return path
 
 
 def results_json(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -412,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.wandb is None and (args.wandb_entity or args.wandb_name or args.wandb_group):
         parser.error("--wandb-entity/--wandb-name/--wandb-group need --wandb [PROJECT]")
     points = grid_points(args)
+    if args.examples_dir and args.descriptors is not None:
+        parser.error("--examples-dir draws the images: model mode (--checkpoint / --cvnet-weights with --data-root)")
+    if args.examples_dir and (len(points) > 1 or points[0].qe_n or points[0].dba_n):
+        parser.error("--examples-dir draws one setting: give single --M/--K/--beta values and no --qe-n/--dba-n")
+    if args.examples < 1 or args.examples_k < 1:
+        parser.error(f"--examples and --examples-k must be >= 1, got {args.examples} and {args.examples_k}")
     try:
         if args.wandb is not None:  # decided before any work: a bad WANDB_MODE fails at once
             wandb_mode, note = resolve_wandb_mode(offline=False)

@@ -132,3 +132,20 @@ def test_r1m_distractors_are_added_and_never_raise_map(checkpoint, tmp_path):
     for protocol in "EMH":
         assert results["rsynth+r1m"]["mAP"][protocol] <= results["rsynth"]["mAP"][protocol] + 1e-12
     assert not list((tmp_path / "r1m_desc").glob("*/database+r1m.npy"))  # the combined copy is gone
+
+
+def test_examples_dir_draws_each_dataset_and_refuses_what_it_cannot_draw(checkpoint, synthetic_data, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    shown = tmp_path / "examples"
+    argv = ["--checkpoint", str(checkpoint), "--scales", "1.0", *common_args(synthetic_data, out), "--M", "20", "--K", "3"]
+    assert evaluate.main([*argv, "--examples-dir", str(shown), "--examples", "2", "--examples-k", "3"]) == 0
+    assert f"wrote {shown / 'rsynth.png'}" in capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(shown / "rsynth.png") as image:  # 2 queries x (global + reranked) rows of 96 px
+        assert image.format == "PNG" and image.height > 4 * 96 and image.width > 4 * 96
+    for extra, message in ((["--M", "20", "40"], "draws one setting"), (["--qe-n", "2"], "draws one setting"),
+                           (["--examples", "0"], "must be >= 1")):
+        with pytest.raises(SystemExit):
+            evaluate.main([*argv, "--examples-dir", str(shown), *extra])
+        assert message in capsys.readouterr().err
