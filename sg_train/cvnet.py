@@ -11,7 +11,7 @@ CVNet's correlation re-ranker and are not part of the global descriptor) or
     s{i}.b{j}.f.b, .f.b_bn              -> layer{i}.{j-1}.conv2, .bn2   (3x3, carries the stride)
     s{i}.b{j}.f.c, .f.c_bn              -> layer{i}.{j-1}.conv3, .bn3   (1x1)
     s{i}.b{j}.proj, .bn                 -> layer{i}.{j-1}.downsample.0, .downsample.1
-    head.pool.p                         -> head.pool.p   (GeM p; unused with GeM+/avg/max)
+    head.pool.p                         -> head.pool.p   (GeM p; unused with GeM+/avg/max or a fixed-p GeM)
     head.fc (2048 -> 2048, bias)        -> fc
 
 The writer goes the other way (:func:`timm_to_pycls_key`, :func:`embedding_model_to_cvnet_state_dict`,
@@ -33,6 +33,10 @@ Descriptors follow SuperGlobal's evaluation (an L2 between the pooling and the F
 ``relu_plus=False`` gives plain ReLUs, whereas SuperGlobal's code with its ``relup`` flag off
 still floors stage-1 inner activations at 0.014 (its bottleneck is handed the ``relup`` class,
 always truthy, instead of the flag).
+
+CVNet's layout is the "l2_fc" neck (:class:`~sg_train.model.EmbeddingModel`: L2 -> FC): a model
+with the "fc_bn" neck (CFCD's FC -> BatchNorm1d) is refused both ways, by the writer and the loader,
+naming the option.
 
 Strictness: every key under the prefix must map and every backbone/head key must be present
 with the right shape (BatchNorm ``num_batches_tracked`` may be absent); otherwise
@@ -183,13 +187,22 @@ def cvnet_state_dict_to_embedding_model(
     ``state_dict`` is the checkpoint's ``model_state`` (keys prefixed ``encoder_q.`` or
     ``globalmodel.``, or bare pycls keys). ``model_options`` are EmbeddingModel keywords
     (``head``, ``relu_plus``, ``scales``, ``sgem``, ...); the backbone, embedding size and
-    preprocessing come from the file and cannot be given. The model is returned in eval mode.
+    preprocessing come from the file and cannot be given. The file's GeM p is loaded into a
+    learnable GeM; a fixed one (``gem_p_learnable=False``) keeps its ``gem_p``. ``neck="fc_bn"``
+    raises :class:`~sg_train.weights_io.WeightsMismatchError` (the file has no BatchNorm1d). The
+    model is returned in eval mode.
     """
     _check_depth(depth)
     fixed = {"backbone", "embedding_dim", "pretrained_weights", "input_format", "mean", "std"}
     clash = sorted(fixed & set(model_options))
     if clash:
         raise TypeError(f"CVNet weights fix {clash} themselves; do not pass them")
+    neck = model_options.get("neck", "l2_fc")
+    if neck != "l2_fc":
+        raise WeightsMismatchError(
+            f"CVNet weights hold the 'l2_fc' neck (L2 -> FC, no BatchNorm1d), so a model with neck={neck!r} "
+            "(model.model_options.neck) cannot be built from them: set neck to 'l2_fc'"
+        )
 
     prefix = _select_prefix(state_dict)
     own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -251,13 +264,13 @@ def cvnet_state_dict_to_embedding_model(
         raise WeightsMismatchError(f"CVNet checkpoint has wrong shapes (nothing was loaded): {describe_keys(wrong)}")
     load_backbone_weights(model.backbone, mapped, name=f"resnet{depth}")  # strict, by construction complete
     model.fc.load_state_dict({"weight": fc_weight, "bias": own["head.fc.bias"]})
-    if isinstance(model.head.pool, GeM):
+    if isinstance(model.head.pool, GeM) and model.head.pool.learnable:
         model.head.pool.p.data.copy_(own["head.pool.p"].reshape(1))
     else:
         log.info(
-            "CVNet checkpoint: head.pool.p = %.4f not used by the %r pooling",
+            "CVNet checkpoint: head.pool.p = %.4f not used by the %s pooling",
             float(own["head.pool.p"].reshape(-1)[0]),
-            model.head.spec.pooling,
+            "fixed-p 'gem'" if isinstance(model.head.pool, GeM) else repr(model.head.spec.pooling),
         )
     return model.eval()
 
@@ -301,14 +314,17 @@ def cvnet_pool_p(model: EmbeddingModel) -> tuple[float, str]:
     """The ``head.pool.p`` to write for ``model`` and what it means.
 
     CVNet's head pools with GeM of a learnable p (``head.pool.p``), and both loaders need the key.
-    ``gem``: the trained p. ``gemp``: its fixed p (``gemp_p``; SuperGlobal's ``gemp`` switch uses
+    ``gem``: the trained p (a fixed one, ``gem_p_learnable=False``: that p). ``gemp``: its fixed p (``gemp_p``; SuperGlobal's ``gemp`` switch uses
     4.6 itself). ``avg``: 1 (GeM with p = 1 is average pooling). ``max`` (and any pooling added with
     :func:`~sg_train.pooling.head.register_pooling`): no GeM p gives it; pycls's initial value 3 is
     written so that the file loads, and the note says the pooling is not reproduced by GeM.
     """
     pooling = model.head.spec.pooling
     if isinstance(model.head.pool, GeM):
-        return float(model.head.pool.p.detach().reshape(-1)[0]), "the trained GeM p"
+        if not model.head.pool.learnable:
+            p = model.head.pool.p_value()
+            return p, f"GeM's fixed p = {p:g} (gem_p_learnable false); not a trained value"
+        return model.head.pool.p_value(), "the trained GeM p"
     if pooling == "gemp":
         p = float(model.head.pool.p)
         return p, (f"GeM+'s fixed p = {p:g} (SuperGlobal's gemp switch uses 4.6; with it off, GeM with "
@@ -331,11 +347,18 @@ def check_cvnet_convertible(model: EmbeddingModel) -> int:
 
     CVNet feeds BGR pixels / 255 normalised with :data:`CVNET_MEAN_BGR` / :data:`CVNET_STD_BGR`: a
     model that normalises every colour the same way (in either channel order) converts exactly.
-    Raises :class:`~sg_train.weights_io.WeightsMismatchError` for a backbone other than timm's
+    Raises :class:`~sg_train.weights_io.WeightsMismatchError` for a model with the "fc_bn" neck
+    (CVNet's head is L2 -> FC, it has no BatchNorm1d), for a backbone other than timm's
     ResNet-50/101 (:func:`cvnet_depth`) and for a model whose per-colour mean/std differ from
     CVNet's (no channel permutation turns one normalisation into the other, and folding it into
     ``conv1`` is not exact at the zero-padded borders).
     """
+    if model.neck != "l2_fc":
+        raise WeightsMismatchError(
+            f"the model cannot be written as CVNet weights: its neck is {model.neck!r} (model.model_options.neck; "
+            "FC -> BatchNorm1d, CFCD's) and CVNet's layout holds only 'l2_fc' (L2 -> FC); export it as "
+            "torchscript or onnx instead"
+        )
     depth = cvnet_depth(model.backbone_name)
     want = _per_colour("bgr", CVNET_MEAN_BGR, CVNET_STD_BGR)
     got = _per_colour(model.input_format, tuple(model.mean), tuple(model.std))

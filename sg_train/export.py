@@ -11,7 +11,9 @@ each other:
   embedded, the scales aggregated by the head (Scale-GeM max / finite, or mean) and normalised.
   B, H and W are dynamic.
 - ``cvnet.pyth``: the global model in CVNet's pycls layout (:func:`sg_train.cvnet.write_cvnet_weights`),
-  for ResNet-50/101 models whose colours CVNet's BGR normalisation can express.
+  for ResNet-50/101 models with the "l2_fc" neck whose colours CVNet's BGR normalisation can express
+  (a model with CFCD's "fc_bn" neck goes to TorchScript and ONNX only, its BatchNorm1d on its running
+  statistics, as in eval mode).
 - ``export.json``: the preprocessing (``input_format``, ``scale`` = 1/255, ``mean``, ``std``,
   ``scales``, ``embedding_dim``), the model configuration, and per file what it holds and how
   closely it was found to match the eager model. The ONNX file carries the preprocessing in its
@@ -384,8 +386,9 @@ def _cvnet_output(model: EmbeddingModel, sizes: list[tuple[int, int]]) -> _Outpu
 # ----------------------------------------------------------------------------- the export
 def unsupported_formats(model: EmbeddingModel) -> dict[str, str]:
     """``{format: why}`` for the formats of :data:`EXPORT_FORMATS` that ``model`` cannot be written in:
-    ``cvnet`` unless the model is a timm ResNet-50/101 whose colours CVNet's BGR normalisation expresses
-    (:func:`sg_train.cvnet.check_cvnet_convertible`). TorchScript and ONNX take every model."""
+    ``cvnet`` unless the model is a timm ResNet-50/101 with the "l2_fc" neck whose colours CVNet's BGR
+    normalisation expresses (:func:`sg_train.cvnet.check_cvnet_convertible`). TorchScript and ONNX take
+    every model."""
     try:
         check_cvnet_convertible(model)
     except WeightsMismatchError as exc:
@@ -495,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder for the exported files (created if missing)")
     parser.add_argument("--formats", nargs="+", metavar="FORMAT",
                         help=f"any of {', '.join(EXPORT_FORMATS)} (default: every one the model can be written in; "
-                             "cvnet needs a resnet50/resnet101 with ImageNet colour statistics)")
+                             "cvnet needs a resnet50/resnet101 with the l2_fc neck and ImageNet colour statistics)")
     parser.add_argument("--scales", nargs="+", type=float, metavar="S",
                         help="extraction scales baked into the graphs (default: the revisitop evaluation protocol's, "
                              "1/sqrt(2) 1 sqrt(2), as retrieval evaluation and sg_train.load_model extract)")

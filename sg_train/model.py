@@ -1,11 +1,22 @@
-"""EmbeddingModel: timm backbone -> pooling head -> L2 -> FC -> L2, plus multi-scale extraction.
+"""EmbeddingModel: timm backbone -> pooling head -> neck (L2 -> FC, or FC -> BN) -> L2, plus
+multi-scale extraction.
 
-Descriptor path (SuperGlobal's published evaluation, docs/design.md §2)::
+Descriptor path (docs/design.md §2); the ``neck`` chooses what follows the pooling::
 
-    images -> backbone.forward_features -> [R-GeM] -> GeM | GeM+ | avg | max -> L2
-           -> FC (Linear with bias) -> L2                                     = forward()
+    images -> backbone.forward_features -> [R-GeM] -> GeM | GeM+ | avg | max = pooled
+    neck "l2_fc" (SuperGlobal's published evaluation, CVNet's layout; the default):
+           pooled -> L2 -> FC (Linear with bias)                   = embed()  -> L2 = forward()
+    neck "fc_bn" (CFCD's published stage-1 model, ``model_s1.py`` / ``model_deploy.py``):
+           pooled -> FC (Linear with bias) -> BatchNorm1d          = embed()  -> L2 = forward()
     extract(): per scale s, resize to (int(h*s), int(w*s)) (bilinear, antialias; s = 1 is not
-           resized), FC output per scale -> Scale-GeM (or mean) over scales -> L2
+           resized), the per-scale descriptor -> Scale-GeM (or mean) over scales -> L2, where the
+           per-scale descriptor is embed() for "l2_fc" (SuperGlobal averages FC outputs) and
+           forward() for "fc_bn" (CFCD's ``evaler/infer.py`` L2-normalises each scale's BN output
+           before averaging)
+
+The margin loss is handed the L2 of embed() (the LightningModule calls forward()); every margin loss
+normalises its input itself, so that is the same loss as on embed() (the FC output, or CFCD's BN
+output).
 
 Inputs are image tensors already normalised the way the model expects, described by the
 ``input_format`` ("rgb"/"bgr": channel order), ``mean`` and ``std`` attributes (in that
@@ -49,13 +60,19 @@ __all__ = [
 
 INPUT_FORMATS = ("rgb", "bgr")
 MODEL_CONFIG_FORMAT = "sg-train/embedding-model"
-MODEL_CONFIG_VERSION = 1
+#: 2: ``neck`` and ``gem_p_learnable`` added (version 1 configurations read as "l2_fc" and True)
+MODEL_CONFIG_VERSION = 2
+#: what follows the pooling: "l2_fc" (L2 -> FC; SuperGlobal/CVNet) or "fc_bn" (FC -> BatchNorm1d; CFCD)
+NECKS = ("l2_fc", "fc_bn")
 #: the constructor arguments a configuration holds: all of them but ``pretrained_weights`` (the
 #: weights travel beside the configuration, not as a file name)
 CONFIG_KEYS = (
-    "backbone", "head", "embedding_dim", "relu_plus", "relu_plus_alpha", "gem_p", "gemp_p", "rgem_p",
-    "rgem_kernel", "scales", "sgem", "sgem_p", "input_format", "mean", "std",
+    "backbone", "head", "embedding_dim", "neck", "relu_plus", "relu_plus_alpha", "gem_p", "gem_p_learnable",
+    "gemp_p", "rgem_p", "rgem_kernel", "scales", "sgem", "sgem_p", "input_format", "mean", "std",
 )
+#: keys each version added, with the value that gives the model an older configuration described
+#: (the behaviour before the key existed)
+_ADDED_KEYS: dict[int, dict[str, Any]] = {2: {"neck": "l2_fc", "gem_p_learnable": True}}
 
 
 class ModelConfigError(WeightsFileError):
@@ -66,10 +83,13 @@ class ModelConfigError(WeightsFileError):
 def model_config_arguments(config: Mapping[str, Any], what: str = "model configuration") -> dict[str, Any]:
     """The :class:`EmbeddingModel` constructor arguments of ``config`` (an :attr:`EmbeddingModel.config`).
 
-    Raises :class:`ModelConfigError` naming ``what`` for a value that is not a mapping, another
-    ``format``, a ``version`` newer than :data:`MODEL_CONFIG_VERSION` (written by a newer
-    sg-train) or not a positive integer, and for missing or unknown keys. The values themselves
-    are checked by the constructor.
+    A configuration of an older version is read as the model it described: the keys added since
+    (``_ADDED_KEYS``) take the value that reproduces the behaviour of its time (version 1: ``neck``
+    "l2_fc", ``gem_p_learnable`` True). Raises :class:`ModelConfigError` naming ``what`` for a value
+    that is not a mapping, another ``format``, a ``version`` newer than :data:`MODEL_CONFIG_VERSION`
+    (written by a newer sg-train) or not a positive integer, and for keys missing or unknown to its
+    version (a version-1 configuration holding ``neck`` is as damaged as one lacking ``head``). The
+    values themselves are checked by the constructor.
     """
     if not isinstance(config, Mapping):
         raise ModelConfigError(f"{what}: the model configuration is a {type(config).__name__}, not a mapping")
@@ -87,15 +107,18 @@ def model_config_arguments(config: Mapping[str, Any], what: str = "model configu
             f"reads up to version {MODEL_CONFIG_VERSION}: upgrade sg-train to load it"
         )
     arguments = {key: value for key, value in config.items() if key not in ("format", "version")}
-    missing = [key for key in CONFIG_KEYS if key not in arguments]
-    unknown = sorted(set(arguments) - set(CONFIG_KEYS))
+    added_since = {key: value for v in range(version + 1, MODEL_CONFIG_VERSION + 1)
+                   for key, value in _ADDED_KEYS.get(v, {}).items()}
+    keys = [key for key in CONFIG_KEYS if key not in added_since]  # what a configuration of this version holds
+    missing = [key for key in keys if key not in arguments]
+    unknown = sorted(set(arguments) - set(keys))
     if missing or unknown:
         problems = ([f"missing {missing}"] if missing else []) + ([f"unknown {unknown}"] if unknown else [])
         raise ModelConfigError(
             f"{what}: model configuration version {version} is damaged or edited: {'; '.join(problems)} "
-            f"(it holds exactly {list(CONFIG_KEYS)})"
+            f"(it holds exactly {keys})"
         )
-    return arguments
+    return {key: arguments[key] if key in arguments else added_since[key] for key in CONFIG_KEYS}
 
 
 def _unused_keys(arguments: Mapping[str, Any]) -> set[str]:
@@ -105,7 +128,7 @@ def _unused_keys(arguments: Mapping[str, Any]) -> set[str]:
     spec = parse_head_spec(arguments["head"])
     unused = set()
     if spec.pooling in ("gemp", "avg", "max"):
-        unused.add("gem_p")
+        unused.update(("gem_p", "gem_p_learnable"))
     if spec.pooling in ("gem", "avg", "max"):
         unused.add("gemp_p")
     if not spec.regional and spec.pooling in ("gem", "gemp", "avg", "max"):
@@ -125,9 +148,14 @@ def config_differences(
     """``"key: <stored> stored, <configured> configured"`` for every value that differs between two
     sets of constructor arguments (:func:`model_config_arguments`), in :data:`CONFIG_KEYS` order.
 
-    Skipped: keys in ``ignore`` and keys that change neither model (see ``_unused_keys``).
+    Skipped: keys in ``ignore`` and keys that change neither model (see ``_unused_keys``). One
+    exception: ``gem_p`` in ``ignore`` (an initial value the loaded weights replace) is compared when
+    either side's GeM p is fixed (``gem_p_learnable`` false): a fixed p is no weight, nothing loaded
+    replaces it.
     """
     unused = _unused_keys(stored) & _unused_keys(configured)
+    if not (stored["gem_p_learnable"] and configured["gem_p_learnable"]):
+        ignore = ignore - {"gem_p"}
     return [
         f"{key}: {stored[key]!r} stored, {configured[key]!r} configured"
         for key in CONFIG_KEYS
@@ -164,13 +192,22 @@ class EmbeddingModel(nn.Module):
         head: pooling head spec, "+"-joined: ``[rgem+](gem|gemp|avg|max)[+sgem]``
             (see :mod:`sg_train.pooling.head`), e.g. "gem", "rgem+gemp+sgem".
         embedding_dim: output size of the FC layer (the descriptor size).
+        neck: what follows the pooling. "l2_fc" (default): L2 -> FC (with bias), SuperGlobal's
+            evaluation path and CVNet's layout. "fc_bn": FC (with bias) -> BatchNorm1d, no L2
+            before the FC: CFCD's stage-1 model (its ``model_s1.py``); the BN output, L2-normalised,
+            is the descriptor. In training mode BatchNorm1d needs at least 2 images per batch (per
+            device): a batch of 1 raises :class:`~sg_train.errors.OptionError`. Extraction runs BN
+            on its running statistics (call ``eval()``). CVNet's weight layout has no BN: such a
+            model cannot be written as or read from CVNet weights.
         pretrained_weights: local weights file for the backbone (timm key layout), checked
             strictly (see :func:`sg_train.backbone.load_backbone_weights`); None: random init.
             Never downloads.
         relu_plus: replace ReLUs of a timm ResNet by ReLU+ (SuperGlobal placement; error for
             other backbones).
         relu_plus_alpha: the ReLU+ floor (0.014).
-        gem_p: initial p of the learnable GeM ("gem").
+        gem_p: initial p of the learnable GeM ("gem"), or its fixed p.
+        gem_p_learnable: True (default): GeM's p is a parameter, trained. False: p stays ``gem_p``,
+            a constant (no parameter, no state-dict key; CFCD's GeM, p = 3).
         gemp_p: fixed p of GeM+ ("gemp").
         rgem_p, rgem_kernel: p and window of Regional-GeM ("rgem").
         scales: default scales of :meth:`extract`.
@@ -187,7 +224,8 @@ class EmbeddingModel(nn.Module):
 
     Attributes: ``config`` (the configuration that rebuilds this model, see :meth:`from_config`),
     ``scales``, ``input_format``, ``mean``, ``std``, ``embedding_dim``, ``feature_dim``,
-    ``backbone_name``, ``relu_plus``.
+    ``backbone_name``, ``relu_plus``, ``neck``; modules ``backbone``, ``head``, ``fc`` and ``bn``
+    (BatchNorm1d for "fc_bn", else None).
     """
 
     def __init__(
@@ -196,10 +234,12 @@ class EmbeddingModel(nn.Module):
         head: str = "gem",
         embedding_dim: int = 2048,
         *,
+        neck: Literal["l2_fc", "fc_bn"] = "l2_fc",
         pretrained_weights: str | None = None,
         relu_plus: bool = False,
         relu_plus_alpha: float = RELU_PLUS_ALPHA,
         gem_p: float = 3.0,
+        gem_p_learnable: bool = True,
         gemp_p: float = 4.6,
         rgem_p: float = 2.5,
         rgem_kernel: int = 5,
@@ -217,10 +257,13 @@ class EmbeddingModel(nn.Module):
             raise OptionError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
         if int(embedding_dim) < 1:
             raise OptionError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if neck not in NECKS:
+            raise OptionError(f"neck must be one of {NECKS}, got {neck!r}")
         self.scales = self._check_scales(scales)
         # Head first: a bad spec fails before the (slower) backbone is built.
         self.head = PoolingHead(
-            head, gem_p=gem_p, gemp_p=gemp_p, rgem_p=rgem_p, rgem_kernel=rgem_kernel, sgem=sgem, sgem_p=sgem_p
+            head, gem_p=gem_p, gem_p_learnable=gem_p_learnable, gemp_p=gemp_p, rgem_p=rgem_p,
+            rgem_kernel=rgem_kernel, sgem=sgem, sgem_p=sgem_p,
         )
         self.backbone_name = backbone
         self.backbone = create_backbone(backbone)
@@ -231,7 +274,10 @@ class EmbeddingModel(nn.Module):
             apply_relu_plus(self.backbone, relu_plus_alpha)
         self.feature_dim = int(self.backbone.num_features)
         self.embedding_dim = int(embedding_dim)
+        self.neck = neck
         self.fc = nn.Linear(self.feature_dim, self.embedding_dim, bias=True)
+        # CFCD's BatchNorm1d (torch defaults: eps 1e-5, momentum 0.1, affine, as its model_s1.py)
+        self.bn = nn.BatchNorm1d(self.embedding_dim) if neck == "fc_bn" else None
 
         cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
         in_chans = int(cfg.get("input_size", (3,))[0])
@@ -244,9 +290,11 @@ class EmbeddingModel(nn.Module):
             "backbone": backbone,
             "head": str(self.head.spec),
             "embedding_dim": self.embedding_dim,
+            "neck": self.neck,
             "relu_plus": self.relu_plus,
             "relu_plus_alpha": float(relu_plus_alpha),
             "gem_p": float(gem_p),
+            "gem_p_learnable": bool(gem_p_learnable),
             "gemp_p": float(gemp_p),
             "rgem_p": float(rgem_p),
             "rgem_kernel": int(rgem_kernel),
@@ -263,7 +311,7 @@ class EmbeddingModel(nn.Module):
     def config(self) -> dict[str, Any]:
         """Everything that rebuilds this model but its weights, as plain values (a new dict each time).
 
-        ``{"format": "sg-train/embedding-model", "version": 1, **arguments}`` where ``arguments``
+        ``{"format": "sg-train/embedding-model", "version": 2, **arguments}`` where ``arguments``
         holds every :data:`CONFIG_KEYS` constructor value in effect, resolved: ``head`` normalised
         (e.g. "rgem+gemp+sgem"), ``scales``/``mean``/``std`` as lists of floats (``mean``/``std``
         in ``input_format`` order, the backbone's defaults filled in), options of components the
@@ -312,13 +360,35 @@ class EmbeddingModel(nn.Module):
         return self.head(self.backbone.forward_features(images))
 
     def embed(self, images: Tensor) -> Tensor:
-        """FC output ``(B, embedding_dim)`` of L2-normalised pooled features, not normalised."""
-        pooled = F.normalize(self.pooled(images), p=2, dim=-1)  # float32 from the head
-        return self.fc(pooled.to(self.fc.weight.dtype))
+        """The neck's output ``(B, embedding_dim)``, not normalised: the FC output of the L2-normalised
+        pooled features ("l2_fc"), or the BatchNorm1d output of the FC of the pooled features ("fc_bn",
+        BN computed in the BN weights' dtype, float32 under autocast).
+
+        Raises :class:`~sg_train.errors.OptionError` for a training-mode "fc_bn" batch of one image
+        (BatchNorm1d has no batch statistics of one sample; torch's own error names no cause).
+        """
+        pooled = self.pooled(images)  # float32 from the head
+        if self.bn is None:
+            pooled = F.normalize(pooled, p=2, dim=-1)
+        out = self.fc(pooled.to(self.fc.weight.dtype))
+        if self.bn is None:
+            return out
+        if self.bn.training and out.shape[0] == 1:
+            raise OptionError(
+                "the fc_bn neck (model.model_options.neck) computes BatchNorm1d statistics over the batch, so a "
+                "training batch needs at least 2 images per device, got 1: set data.batch_size >= 2 per device (a "
+                "batch can also shrink to one when its other images are unreadable), or extract in eval() mode"
+            )
+        return self.bn(out.to(self.bn.weight.dtype))
 
     def forward(self, images: Tensor) -> Tensor:
         """L2-normalised descriptors ``(B, embedding_dim)`` at the input's own scale."""
         return F.normalize(self.embed(images), p=2, dim=-1)
+
+    def scale_descriptor(self, images: Tensor) -> Tensor:
+        """The per-scale descriptor :meth:`extract` aggregates: :meth:`embed` for "l2_fc" (SuperGlobal
+        aggregates FC outputs), :meth:`forward` for "fc_bn" (CFCD L2-normalises each scale's BN output)."""
+        return self.embed(images) if self.bn is None else self.forward(images)
 
     def extract(
         self, images: Tensor, scales: Sequence[float] | None = None, *, resize: Callable[[Tensor, float], Tensor] = resize_for_scale
@@ -326,18 +396,21 @@ class EmbeddingModel(nn.Module):
         """Multi-scale descriptors ``(B, embedding_dim)``, L2-normalised.
 
         For each scale the batch is resized (``resize(images, scale)``: :func:`resize_for_scale`, or
-        an evaluation protocol's :meth:`~sg_train.eval_protocols.EvalProtocol.resize`) and embedded; the FC
-        outputs are aggregated by the head (Scale-GeM max / finite, or mean without "sgem")
-        and normalised. Runs in the module's current mode and grad state: call ``eval()``
-        and wrap in ``torch.no_grad()`` for inference.
+        an evaluation protocol's :meth:`~sg_train.eval_protocols.EvalProtocol.resize`) and embedded; the
+        per-scale descriptors (:meth:`scale_descriptor`: FC outputs for "l2_fc", L2-normalised BN outputs
+        for "fc_bn") are aggregated by the head (Scale-GeM max / finite, or mean without "sgem") and
+        normalised. With one scale of 1 this is :meth:`forward`. Runs in the module's current mode and
+        grad state: call ``eval()`` (BatchNorm on its running statistics) and wrap in
+        ``torch.no_grad()`` for inference.
         """
         scales = self.scales if scales is None else self._check_scales(scales)
-        per_scale = [self.embed(resize(images, s)) for s in scales]
+        per_scale = [self.scale_descriptor(resize(images, s)) for s in scales]
         return F.normalize(self.head.aggregate_scales(per_scale), p=2, dim=-1)
 
     # -- optimiser support ------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """``{"backbone": [(name, param), ...], "head": [...]}`` with names as in ``named_parameters()``."""
+        """``{"backbone": [(name, param), ...], "head": [...]}`` with names as in ``named_parameters()``
+        (the head: GeM's learnable p, the FC and the neck's BatchNorm1d)."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {"backbone": [], "head": []}
         for name, param in self.named_parameters():
             groups["backbone" if name.startswith("backbone.") else "head"].append((name, param))

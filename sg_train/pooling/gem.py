@@ -1,4 +1,4 @@
-"""Generalised-mean pooling: GeM (learnable p) and GeM+ (fixed p).
+"""Generalised-mean pooling: GeM (learnable p, or fixed with ``learnable=False``) and GeM+ (fixed p).
 
     f_c = ( mean_{h,w} max(x_chw, eps)^p )^(1/p)
 
@@ -35,24 +35,35 @@ def gem(x: Tensor, p: float | Tensor = 3.0, eps: float = GEM_EPS) -> Tensor:
 
 
 class GeM(nn.Module):
-    """GeM pooling with a learnable exponent ``p`` (a parameter of shape ``(1,)``, init 3).
+    """GeM pooling, clamp ``eps`` = 1e-6, with a learnable exponent ``p`` (a parameter of shape
+    ``(1,)``, init 3) or, with ``learnable=False``, a fixed one.
 
-    Keep ``p`` out of weight decay (it is 1-d, so the usual "no decay on 1-d parameters" rule
-    already does).
+    Learnable: keep ``p`` out of weight decay (it is 1-d, so the usual "no decay on 1-d parameters"
+    rule already does). Fixed: ``p`` is a Python float, not a parameter or buffer (no state-dict
+    key, nothing for an optimizer to move), as in CFCD's published stage-1 model
+    (``GeneralizedMeanPooling(norm=3.0)``, clamp 1e-6). The same formula as :class:`GeMPlus`, whose
+    clamp is SuperGlobal's 1e-8.
     """
 
-    def __init__(self, p: float = 3.0, eps: float = GEM_EPS) -> None:
+    def __init__(self, p: float = 3.0, eps: float = GEM_EPS, *, learnable: bool = True) -> None:
         super().__init__()
         if p <= 0:
             raise OptionError(f"GeM p must be > 0, got {p}")
-        self.p = nn.Parameter(torch.full((1,), float(p)))
+        self.learnable = bool(learnable)
+        self.p: nn.Parameter | float = nn.Parameter(torch.full((1,), float(p))) if self.learnable else float(p)
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
         return gem(x, self.p, self.eps)
 
+    def p_value(self) -> float:
+        """The exponent as a float (the current value of a learnable p)."""
+        return float(self.p.detach().reshape(-1)[0]) if isinstance(self.p, Tensor) else self.p
+
     def extra_repr(self) -> str:
-        return f"p={self.p.item():.4f} (learnable), eps={self.eps}"
+        if self.learnable:
+            return f"p={self.p_value():.4f} (learnable), eps={self.eps}"
+        return f"p={self.p} (fixed), eps={self.eps}"  # the exact value: descriptor caches fingerprint the repr
 
 
 class GeMPlus(nn.Module):

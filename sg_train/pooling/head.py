@@ -5,7 +5,8 @@ Grammar (names joined by ``+``, case and surrounding spaces ignored, each name a
     spec     := ["rgem" "+"] pooling ["+" "sgem"]
     pooling  := "gem" | "gemp" | "avg" | "max" | <a name added with register_pooling>
 
-- ``gem``  : GeM with learnable p (init ``gem_p`` = 3)
+- ``gem``  : GeM with learnable p (init ``gem_p`` = 3), or fixed at ``gem_p`` with
+  ``gem_p_learnable=False`` (CFCD's stage-1 GeM)
 - ``gemp`` : GeM+ with fixed p (``gemp_p`` = 4.6)
 - ``avg`` / ``max`` : global average / max pooling
 - ``rgem`` : Regional-GeM (``rgem_p`` = 2.5, ``rgem_kernel`` = 5) on the map before pooling
@@ -57,7 +58,7 @@ class _AdaptivePool(nn.Module):
 
 
 _POOLINGS: dict[str, PoolingFactory] = {
-    "gem": lambda o: GeM(p=o["gem_p"]),
+    "gem": lambda o: GeM(p=o["gem_p"], learnable=o["gem_p_learnable"]),
     "gemp": lambda o: GeMPlus(p=o["gemp_p"]),
     "avg": lambda o: _AdaptivePool("avg"),
     "max": lambda o: _AdaptivePool("max"),
@@ -75,7 +76,7 @@ def available_poolings() -> list[str]:
 def register_pooling(name: str, factory: PoolingFactory) -> None:
     """Add a global pooling: ``factory(options)`` returns a module mapping NCHW to ``(B, C)``.
 
-    ``options`` holds the head's keyword options (``gem_p``, ``gemp_p``, ...).
+    ``options`` holds the head's keyword options (``gem_p``, ``gem_p_learnable``, ``gemp_p``, ...).
     """
     key = name.strip().lower()
     if not key or "+" in key:
@@ -143,6 +144,7 @@ class PoolingHead(nn.Module):
         spec: str | HeadSpec = "gem",
         *,
         gem_p: float = 3.0,
+        gem_p_learnable: bool = True,
         gemp_p: float = 4.6,
         rgem_p: float = 2.5,
         rgem_kernel: int = 5,
@@ -158,7 +160,8 @@ class PoolingHead(nn.Module):
         self.sgem_mode = sgem
         self.sgem_p = float(sgem_p)
         self.regional = RegionalGeM(p=rgem_p, kernel_size=rgem_kernel) if self.spec.regional else None
-        options = {"gem_p": gem_p, "gemp_p": gemp_p, "rgem_p": rgem_p, "rgem_kernel": rgem_kernel}
+        options = {"gem_p": gem_p, "gem_p_learnable": bool(gem_p_learnable), "gemp_p": gemp_p, "rgem_p": rgem_p,
+                   "rgem_kernel": rgem_kernel}
         self.pool = _POOLINGS[self.spec.pooling](options)
 
     def forward(self, x: Tensor) -> Tensor:
