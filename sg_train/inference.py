@@ -88,7 +88,9 @@ def model_from_checkpoint(
     before sg-train stored one is rebuilt from its hyper-parameters, with a warning that every
     other value takes today's default. Every weight must fit exactly (a checkpoint without the
     expected keys is refused, naming them). Switches only add SuperGlobal components (``scales``
-    replaces the default extraction scales); with ``gemp`` a trained GeM p is left unused.
+    replaces the default extraction scales); with ``gemp`` a trained GeM p is left unused. They
+    change the backbone and the pooling head only, so they apply to either neck (SuperGlobal's
+    "l2_fc" and CFCD's "fc_bn").
     Raises FileNotFoundError, :class:`~sg_train.weights_io.WeightsFileError` for a file that
     cannot be read or lacks the sg-train hyper-parameters,
     :class:`~sg_train.model.ModelConfigError` for a stored configuration this version cannot
