@@ -3,9 +3,12 @@
     python train.py fit --config configs/demo.yaml [--trainer.max_epochs=3 ...]
     python train.py fit --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt   # resume
     python train.py validate --config configs/demo.yaml --ckpt_path <ckpt>
+    wandb sweep configs/sweeps/train.yaml && wandb agent <sweep id>   # a W&B sweep: train.py once per trial
 
 ``trainer.default_root_dir`` is the run folder: every file of the run goes below it (see
-:mod:`sg_train.run_folder`); a new ``fit`` refuses a folder that holds another run. The class
+:mod:`sg_train.run_folder`); a new ``fit`` refuses a folder that holds another run. A run that
+``wandb agent`` starts is the agent's W&B run, in the folder ``<default_root_dir>/sweep-<sweep
+id>/<run id>``. The class
 count, the label map (stored in every checkpoint) and the per-class image counts for dynamic
 margins come from the datamodule.
 
@@ -48,7 +51,7 @@ from sg_train.run_folder import (  # noqa: E402
     record_start,
     resolve_checkpoint,
 )
-from sg_train.wandb_mode import resolve_wandb_mode  # noqa: E402
+from sg_train.wandb_mode import FLUSH_INTERVAL_ENV, FLUSH_INTERVAL_S, resolve_wandb_mode, sweep_run  # noqa: E402
 
 
 def _as_list(counts: torch.Tensor) -> list[int]:
@@ -92,24 +95,34 @@ class TrainCLI(LightningCLI):
             check_checkpoint_file(ckpt_path)  # before LightningCLI reads its hyper-parameters
 
     def before_instantiate_classes(self) -> None:
-        """``fit``: decide the run folder (new or continued) and point the loggers at it."""
+        """``fit``: decide the run folder (new or continued) and point the loggers at it.
+
+        Under ``wandb agent`` (:func:`~sg_train.wandb_mode.sweep_run`) a new run is the agent's W&B
+        run and its folder is ``<trainer.default_root_dir>/sweep-<sweep id>/<run id>``: every run of
+        a sweep gets its own folder, found by the run id the W&B page shows.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.trainer.default_root_dir or os.getcwd()
         loggers = _logger_entries(config.trainer.logger)
+        wandb = [e for e in loggers if _is_wandb(e)]
         if rank_zero_only.rank == 0:
-            for entry in filter(_is_wandb, loggers):
-                _set_wandb_mode(entry.init_args)
+            for entry in wandb:
+                _prepare_wandb(entry.init_args)
         if self.subcommand not in (None, "fit"):  # None: built with run=False, to be fitted by the caller
-            for entry in loggers:  # validate: its logger files go to the run folder too, not the cwd
-                if getattr(entry.init_args, "save_dir", None) in (None, "", "."):
-                    entry.init_args.save_dir = str(run_dir)
+            defaulted = [e for e in loggers if getattr(e.init_args, "save_dir", None) in (None, "", ".")]
+            for entry in defaulted:  # validate: its logger files go to the run folder too, not the cwd
+                entry.init_args.save_dir = str(run_dir)
+            if defaulted and rank_zero_only.rank == 0:  # else W&B would write to /tmp, with only a warning
+                check_writable_dir(run_dir, "run folder")
             return
+        sweep = sweep_run()
+        if sweep is not None:
+            run_dir = os.path.join(run_dir, f"sweep-{sweep[0]}", sweep[1])
         ckpt_path = config.get("ckpt_path")  # absent when built with run=False
         if rank_zero_only.rank != 0:  # DDP workers: rank 0 decided and checked everything
             resume = resolve_checkpoint(run_dir, ckpt_path)
         else:
-            wandb = [e for e in loggers if _is_wandb(e)]
-            new_id = (wandb[0].init_args.id or _new_wandb_id()) if wandb else None
+            new_id = (sweep[1] if sweep else wandb[0].init_args.id or _new_wandb_id()) if wandb else None
             self.run_plan = plan_run(run_dir, ckpt_path, new_wandb_id=new_id)
             resume = self.run_plan.resume_from
             run_dir = config.trainer.default_root_dir = str(self.run_plan.run_dir)
@@ -123,7 +136,8 @@ class TrainCLI(LightningCLI):
             if getattr(args, "save_dir", None) in (None, "", "."):
                 args.save_dir = str(plan.run_dir)
             if _is_wandb(entry) and plan.wandb_id:
-                args.id, args.version = plan.wandb_id, None
+                # under a sweep wandb.init takes WANDB_RUN_ID (plan.wandb_id) and warns about any id it is given
+                args.id, args.version = (None if sweep else plan.wandb_id), None
                 args.resume = "allow"  # one W&B run for the whole run, across resumes
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
@@ -177,15 +191,30 @@ class _RecordRunStart(Callback):
         rank_zero_info(f"run folder: {self.plan.run_dir} ({where})")
 
 
-def _set_wandb_mode(init_args) -> None:
-    """Give a WandbLogger the mode :func:`sg_train.wandb_mode.resolve_wandb_mode` decides (an online
-    run without API key or network goes offline, saying so in one line)."""
+def _prepare_wandb(init_args) -> None:
+    """Before a WandbLogger is built: give it the mode :func:`sg_train.wandb_mode.resolve_wandb_mode`
+    decides (an online run without API key or network goes offline, saying so in one line), have
+    wandb-core write the run file every ``FLUSH_INTERVAL_S`` seconds instead of 15 (a killed run loses
+    the rows of one interval: :data:`~sg_train.wandb_mode.FLUSH_INTERVAL_ENV`), and check the folder
+    the configuration points W&B at.
+
+    Raises :class:`~sg_train.run_folder.RunFolderError` when ``save_dir`` is a folder that cannot be
+    written (W&B would write to /tmp instead, with only a warning). Without ``save_dir`` W&B writes
+    to the run folder, which is checked too; ``WANDB_DIR`` is never used: the logger hands W&B its
+    folder, and that wins over the environment.
+    """
     mode, note = resolve_wandb_mode(bool(getattr(init_args, "offline", False)))
     if note:
         print(f"train.py: {note}", file=sys.stderr)
     init_args.offline = mode == "offline"
     if mode == "disabled":
         os.environ["WANDB_MODE"] = "disabled"
+    os.environ.setdefault(FLUSH_INTERVAL_ENV, f"{FLUSH_INTERVAL_S:g}")
+    save_dir = getattr(init_args, "save_dir", None)
+    if save_dir not in (None, "", "."):
+        check_writable_dir(save_dir, "W&B folder", fix=(
+            "it is trainer.logger.init_args.save_dir: point it at a folder you can write, or drop it to keep "
+            "the W&B files in the run folder"))
 
 
 def _new_wandb_id() -> str:

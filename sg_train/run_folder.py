@@ -185,11 +185,15 @@ def plan_run(
     return RunPlan(run_dir=run_dir, resume_from=resume_from, wandb_id=info.get("wandb_id"), info=info)
 
 
-def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
+def check_writable_dir(
+    path: str | os.PathLike,
+    what: str,
+    fix: str = "choose a writable location, e.g. --trainer.default_root_dir <folder>",
+) -> Path:
     """Create ``path`` (and parents) and prove a file can be written there; return it.
 
-    Raises :class:`RunFolderError` naming ``what`` (e.g. "checkpoint folder"), the path and the
-    reason, before a run spends any time training.
+    Raises :class:`RunFolderError` naming ``what`` (e.g. "checkpoint folder"), the path, the
+    reason and ``fix``, before a run spends any time training.
     """
     path = Path(path).expanduser()
     try:
@@ -197,10 +201,7 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise RunFolderError(
-            f"cannot write the {what} {path} ({exc.strerror or exc}); choose a writable location, e.g. "
-            "--trainer.default_root_dir <folder>"
-        ) from None
+        raise RunFolderError(f"cannot write the {what} {path} ({exc.strerror or exc}); {fix}") from None
     return path
 
 

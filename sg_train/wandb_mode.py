@@ -15,6 +15,12 @@ Without either, the run goes offline with one line that says why and how to uplo
 (``wandb sync``), instead of W&B's prompt, traceback, or ~110 s of retries. These checks are
 hand-written (stdlib ``netrc`` and ``urllib``) because W&B has no public call that answers
 "would ``wandb.init`` work?" without itself prompting or retrying.
+
+Two more W&B facts train.py acts on before a run starts (wandb 0.31):
+
+* :func:`sweep_run`: under ``wandb agent`` W&B uses the agent's ``WANDB_RUN_ID`` and ignores the
+  id given to ``wandb.init``.
+* :data:`FLUSH_INTERVAL_ENV`: how much of a killed run's log is lost.
 """
 from __future__ import annotations
 
@@ -29,11 +35,21 @@ from urllib.parse import urlparse
 
 from sg_train.errors import OptionError
 
-__all__ = ["DEFAULT_HOST", "WANDB_MODES", "resolve_wandb_mode"]
+__all__ = ["DEFAULT_HOST", "FLUSH_INTERVAL_ENV", "FLUSH_INTERVAL_S", "WANDB_MODES", "resolve_wandb_mode", "sweep_run"]
 
 DEFAULT_HOST = "https://api.wandb.ai"
 WANDB_MODES = ("online", "offline", "disabled")
 _ALIASES = {"dryrun": "offline", "run": "online"}
+#: W&B's environment variable for its private setting ``x_transaction_log_flush_interval`` (``WANDB__<name>``
+#: sets ``x_<name>``). wandb-core holds a run's newest records in memory and writes them to the run file
+#: (``wandb/offline-run-*/run-<id>.wandb``, online runs too) when a 32 KiB block fills, every interval
+#: (15 s by default) and when the run finishes. When the training process is killed (SIGKILL, the OOM
+#: killer, a job's hard time limit) wandb-core exits within 0.1 s without writing them: the rows logged
+#: since the last write (at most one interval, at most 32 KiB) are lost, for ``wandb sync`` too.
+#: train.py sets :data:`FLUSH_INTERVAL_S` unless the environment sets this variable; a W&B without the
+#: setting ignores it.
+FLUSH_INTERVAL_ENV = "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"
+FLUSH_INTERVAL_S = 1.0  # one small write() a second while rows come in
 
 
 def _api_key(host: str, env: Mapping[str, str]) -> str | None:
@@ -94,3 +110,20 @@ def resolve_wandb_mode(offline: bool, env: Mapping[str, str] | None = None, time
     if problem is not None:
         return "offline", f"W&B: {host} is unreachable ({problem}): {later}"
     return "online", None
+
+
+def sweep_run() -> tuple[str, str] | None:
+    """``(sweep id, run id)`` when ``wandb agent`` started this process, else None.
+
+    The agent sets ``WANDB_SWEEP_ID`` and, for each run it starts, ``WANDB_RUN_ID``; with a sweep id
+    ``wandb.init`` ignores the id it is given and uses ``WANDB_RUN_ID`` (or, without one, an id of its
+    own that nothing else could know). Raises :class:`~sg_train.errors.OptionError` for a
+    ``WANDB_SWEEP_ID`` without ``WANDB_RUN_ID``.
+    """
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not sweep_id:
+        return None
+    if not run_id:
+        raise OptionError(f"WANDB_SWEEP_ID={sweep_id!r} without WANDB_RUN_ID: start sweep runs with "
+                          f"`wandb agent {sweep_id}` (it sets both), or unset WANDB_SWEEP_ID")
+    return sweep_id, run_id

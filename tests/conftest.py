@@ -40,6 +40,13 @@ def _seed_everything():
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()  # otherwise the next WandbLogger would reuse this run
+    if wandb is not None:
+        from wandb.sdk import wandb_setup
+
+        # W&B reads WANDB_* once per process (its setup singleton) and ignores later changes: a test
+        # that set WANDB_MODE=disabled (monkeypatch, since restored) would leave W&B off for the rest.
+        if wandb_setup.singleton().did_environment_change():
+            wandb.teardown()
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,21 @@ checksum, a chunk cut off by the end of the file, a record left unfinished) is a
 something to skip: a reader that skips quietly turns a damaged or half-written file into "nothing
 was logged".
 
-wandb-core buffers the current block in memory and writes it out only when the block is full or
-when the run's stream closes. That close happens when wandb-core handles the ``inform_finish``
-message that ``wandb.finish()`` sends *without waiting for an answer*, so when ``finish()``
-returns the file can still be just its 7-byte header. ``run_file`` therefore also calls
-``wandb.teardown()``, which waits for the wandb-core process to exit (it handles a connection's
-messages in order, so the finish, and with it the write, comes first), and then checks that the
-file ends the run (has its ``exit`` record).
+wandb-core buffers the current block in memory and writes it out when the block is full, every
+``x_transaction_log_flush_interval`` seconds (15 s by default, 1 s under train.py: see
+``sg_train.wandb_mode.FLUSH_INTERVAL_ENV``) and when the run's stream closes. That close happens
+when wandb-core handles the ``inform_finish`` message that ``wandb.finish()`` sends *without
+waiting for an answer*, so when ``finish()`` returns the file can still lack the run's last
+records. ``run_file`` therefore also calls ``wandb.teardown()``, which waits for the wandb-core
+process to exit (it handles a connection's messages in order, so the finish, and with it the
+write, comes first), and then checks that the file ends the run (has its ``exit`` record).
+
+When the training process is killed, wandb-core exits within 0.1 s (it watches its parent) without
+writing what it holds, so the file is a prefix of the log: it ends where wandb-core's last write
+ended, at a flush (a record boundary) or at the end of a block that filled, often inside a record
+that spans into the block never written; a write cut by the exit would end it inside a chunk.
+Readers given ``killed=True`` read up to that end and leave the unfinished record out; everything
+before it must still be whole.
 """
 from __future__ import annotations
 
@@ -33,8 +41,12 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 IDENT, MAGIC, VERSION = b":W&B", 0xBEE1, 0
 
 
-def iter_records(path: str | Path):
-    """Every record of the run file, in order; ``ValueError`` where the file is not a whole log."""
+def iter_records(path: str | Path, *, killed: bool = False):
+    """Every record of the run file, in order; ``ValueError`` where the file is not a whole log.
+
+    ``killed``: the run's process was killed, so the file may end anywhere (see the module
+    docstring): the records before that end are read, an unfinished one is left out.
+    """
     data = Path(path).read_bytes()
     if len(data) < HEADER:
         raise ValueError(f"{path}: {len(data)} bytes, shorter than the W&B file header")
@@ -52,6 +64,8 @@ def iter_records(path: str | Path):
             offset += space
             continue
         if offset + HEADER > len(data):
+            if killed:
+                return
             raise ValueError(f"{path}: ends inside a chunk header at offset {offset}")
         checksum, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
         if kind not in (FULL, FIRST, MIDDLE, LAST):
@@ -60,6 +74,8 @@ def iter_records(path: str | Path):
         if length > space - HEADER:
             raise ValueError(f"{path}: chunk at offset {offset} ({length} bytes) runs past its block")
         if end > len(data):
+            if killed:
+                return
             raise ValueError(f"{path}: chunk at offset {offset} cut off by the end of the file")
         if zlib.crc32(data[offset + HEADER - 1 : end]) != checksum:
             raise ValueError(f"{path}: bad checksum of the chunk at offset {offset}")
@@ -73,13 +89,14 @@ def iter_records(path: str | Path):
             record.ParseFromString(pending)
             yield record
             pending = b""
-    if in_record:
+    if in_record and not killed:
         raise ValueError(f"{path}: ends inside a record")
 
 
-def run_file(wandb_dir: str | Path) -> Path:
-    """The one offline run file under ``wandb_dir``, complete: finishes the live run, waits for
-    wandb-core to write and close the file (``wandb.teardown``), checks it has the ``exit`` record."""
+def run_files(wandb_dir: str | Path) -> list[Path]:
+    """Every offline run file under ``wandb_dir`` (a resumed run adds one), oldest first, each
+    complete: finishes the live run, waits for wandb-core to write and close the file
+    (``wandb.teardown``), checks each has the ``exit`` record."""
     import wandb
 
     if wandb.run is not None:
@@ -88,22 +105,36 @@ def run_file(wandb_dir: str | Path) -> Path:
     # partly filled block); teardown() waits for the wandb-core process to exit. A later
     # wandb.init starts a new one.
     wandb.teardown()
-    files = sorted(Path(wandb_dir).glob("**/offline-run-*/run-*.wandb"))
+    # offline-run-<YYYYmmdd_HHMMSS>-<id>: the folder names sort by start time
+    files = sorted(Path(wandb_dir).glob("**/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    for path in files:
+        kinds = [record.WhichOneof("record_type") for record in iter_records(path)]
+        if "exit" not in kinds:
+            raise AssertionError(
+                f"{path} ({path.stat().st_size} bytes, records {kinds}) has no exit record: "
+                "wandb-core has not finished writing it"
+            )
+    return files
+
+
+def run_file(wandb_dir: str | Path) -> Path:
+    """The one offline run file under ``wandb_dir``, complete (see :func:`run_files`)."""
+    files = run_files(wandb_dir)
     if len(files) != 1:
         raise AssertionError(f"expected one offline run under {wandb_dir}, found {files}")
-    kinds = [record.WhichOneof("record_type") for record in iter_records(files[0])]
-    if "exit" not in kinds:
-        raise AssertionError(
-            f"{files[0]} ({files[0].stat().st_size} bytes, records {kinds}) has no exit record: "
-            "wandb-core has not finished writing it"
-        )
     return files[0]
 
 
-def history(path: str | Path) -> list[dict]:
-    """Every ``wandb.log`` call of the run, as dicts of decoded values."""
+def run_record(path: str | Path) -> dict:
+    """The run's identity as its ``run`` record gives it: ``{"run_id", "sweep_id"}`` (sweep_id: "" outside a sweep)."""
+    run = next(r.run for r in iter_records(path) if r.WhichOneof("record_type") == "run")
+    return {"run_id": run.run_id, "sweep_id": run.sweep_id}
+
+
+def history(path: str | Path, *, killed: bool = False) -> list[dict]:
+    """Every ``wandb.log`` call of the run, as dicts of decoded values (``killed``: see :func:`iter_records`)."""
     rows = []
-    for record in iter_records(path):
+    for record in iter_records(path, killed=killed):
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows
