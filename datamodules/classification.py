@@ -20,15 +20,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from sg_train.errors import OptionError, UserInputError
+from sg_train.hard_negatives import load_hard_negatives, training_data_fingerprint
 from sg_train.weights_io import WeightsMismatchError
 
-from .collate import SkipFailedCollate
+from .collate import SkipFailedCollate, TupleCollate
 from .image_dataset import ImageDataset, worker_init_fn
 from .sampler import SeededSampler
+from .tuple_sampler import TupleBatchSampler
 from .transforms import build_eval_transform, build_train_transform, resolve_normalization
 
 __all__ = ["ClassMappingError", "ImageClassificationDataModule"]
@@ -62,6 +64,12 @@ class ImageClassificationDataModule(LightningDataModule):
         color_jitter, color_jitter_hue, color_jitter_p: brightness/contrast/saturation strength,
             hue range and probability of the colour jitter.
         jpeg_quality, jpeg_p: JPEG re-compression quality range and probability.
+        hard_negatives: CFCD stage 2: the folder ``python -m sg_train.mine_hard_negatives`` wrote
+            for this training set and the stage-1 model the run starts from (checked by their
+            fingerprints before the first step). Training batches then are whole tuples
+            (:class:`~datamodules.tuple_sampler.TupleBatchSampler`): an anchor, a positive of its
+            class and ``negatives_per_tuple`` images of the classes the stage-1 model confused it
+            with, ``tuples_per_batch`` tuples per device (``batch_size`` is then unused for training).
 
     Raises :class:`~sg_train.errors.OptionError` for out-of-range values.
     """
@@ -87,6 +95,9 @@ class ImageClassificationDataModule(LightningDataModule):
         color_jitter_p: float = 0.5,
         jpeg_quality: tuple[int, int] = (50, 100),
         jpeg_p: float = 0.25,
+        hard_negatives: str | None = None,
+        tuples_per_batch: int = 2,
+        negatives_per_tuple: int = 6,
     ) -> None:
         super().__init__()
         for name, v in (("image_size", image_size), ("batch_size", batch_size)):
@@ -94,6 +105,11 @@ class ImageClassificationDataModule(LightningDataModule):
                 raise OptionError(f"{name} must be >= 1, got {v}")
         if num_workers < 0:
             raise OptionError(f"num_workers must be >= 0, got {num_workers}")
+        for name, v in (("tuples_per_batch", tuples_per_batch), ("negatives_per_tuple", negatives_per_tuple)):
+            if int(v) < 1:
+                raise OptionError(f"{name} must be >= 1, got {v}")
+        self.hard_negatives = hard_negatives
+        self.tuples_per_batch, self.negatives_per_tuple = int(tuples_per_batch), int(negatives_per_tuple)
         self.requested_preprocessing = {"input_format": input_format, "mean": mean, "std": std}
         self.mean, self.std = resolve_normalization(mean, std, input_format or "rgb")  # validates early
         self.input_format = input_format or "rgb"
@@ -259,12 +275,17 @@ class ImageClassificationDataModule(LightningDataModule):
         if "data_seed" in state_dict:
             self._data_seed = int(state_dict["data_seed"])
 
-    def _loader(self, dataset: ImageDataset, batch_size: int, train: bool, size: int) -> DataLoader:
+    def _worker_options(self) -> dict[str, Any]:
+        """The DataLoader's worker settings (persistence and prefetch only with workers)."""
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:
                 kwargs["prefetch_factor"] = int(self.prefetch_factor)
+        return kwargs
+
+    def _loader(self, dataset: ImageDataset, batch_size: int, train: bool, size: int) -> DataLoader:
+        kwargs = self._worker_options()
         if train:  # order and augmentations from (data_seed, epoch, index) alone: resumable exactly
             kwargs["sampler"] = SeededSampler(
                 dataset, num_replicas=self._world_size(), rank=self._rank(), shuffle=True, seed=self.data_seed
@@ -283,7 +304,42 @@ class ImageClassificationDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
+        module = self.trainer.lightning_module if getattr(self, "trainer", None) is not None else None
+        stage_two = getattr(module, "local_triplet", None) is not None
+        if stage_two != (self.hard_negatives is not None):
+            raise OptionError(
+                "CFCD stage 2 needs both model.local_triplet_weight > 0 and data.hard_negatives (the folder "
+                "python -m sg_train.mine_hard_negatives wrote): set both, or neither for plain training"
+                + (" (tuples need a LightningModule with the local triplet loss)" if module is None else ""))
+        if stage_two:
+            return self._tuple_loader(self.train_dataset, module)
         return self._loader(self.train_dataset, self.batch_size, True, self.image_size)
+
+    def _tuple_loader(self, dataset: ImageDataset, module: Any) -> DataLoader:
+        """Whole tuples of the mined hard negatives, checked against this data and the starting model."""
+        trainer = self.trainer
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise OptionError("CFCD stage 2 shards whole tuples itself: set trainer.use_distributed_sampler=false "
+                              "(Lightning would otherwise replace the tuple sampler)")
+        mined = load_hard_negatives(self.hard_negatives, model_fingerprint=module.starting_fingerprint,
+                                    data_fingerprint=training_data_fingerprint(self))
+        sampler = TupleBatchSampler(dataset.labels, mined.wrong_classes, tuples_per_batch=self.tuples_per_batch,
+                                    negatives_per_tuple=self.negatives_per_tuple, seed=self.data_seed,
+                                    num_replicas=self._world_size(), rank=self._rank())
+        if trainer.is_global_zero:
+            rank_zero_info(f"CFCD stage 2: {sampler.num_tuples} tuples per epoch of 1 anchor, 1 positive and "
+                  f"{self.negatives_per_tuple} negatives ({100 * sampler.hard_negative_fraction:.1f} % from the mined "
+                  f"classes); {sampler.single_image_classes} single-image classes give no anchor")
+        kwargs = self._worker_options()
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            collate_fn=TupleCollate(sampler.tuple_size, (3, self.image_size, self.image_size)),
+            worker_init_fn=functools.partial(worker_init_fn, rank=self._rank()),
+            **kwargs,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

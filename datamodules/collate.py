@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-__all__ = ["SkipFailedCollate", "collate_skip_failed", "format_failed", "split_failed"]
+__all__ = ["SkipFailedCollate", "TupleCollate", "collate_skip_failed", "format_failed", "split_failed"]
 
 _WS = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
 
@@ -71,3 +71,38 @@ class SkipFailedCollate:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_shape={self.image_shape})"
+
+
+class TupleCollate:
+    """``collate_fn`` for batches of whole tuples (CFCD stage 2, :class:`~datamodules.tuple_sampler.TupleBatchSampler`).
+
+    The samples come in tuple order ``[a, p, n_1..n_G, a', ...]`` of ``tuple_size = 2 + G``
+    images. A tuple with any unreadable image is dropped whole (its other images are not listed
+    as failed: they were read), so the batch keeps its tuple structure; the failed images are
+    listed in ``"failed"`` as :class:`SkipFailedCollate` lists them. Adds ``"tuple_size"`` (int)
+    to the batch; ``B`` is a multiple of it (0 when every tuple failed).
+    """
+
+    def __init__(self, tuple_size: int, image_shape: Sequence[int] | None = None):
+        if tuple_size < 3:
+            raise ValueError(f"a tuple holds an anchor, a positive and at least one negative, got tuple_size={tuple_size}")
+        self.tuple_size = int(tuple_size)
+        self.image_shape = tuple(int(x) for x in image_shape) if image_shape is not None else None
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if len(samples) % self.tuple_size:
+            raise ValueError(f"{len(samples)} samples do not make whole tuples of {self.tuple_size}")
+        kept, failed = [], []
+        for start in range(0, len(samples), self.tuple_size):
+            one = samples[start : start + self.tuple_size]
+            if all(s.get("image") is not None for s in one):
+                kept.extend(one)
+            else:
+                failed.extend(s for s in one if s.get("image") is None)
+        batch = collate_skip_failed(kept, self.image_shape)
+        batch["failed"] = collate_skip_failed(failed, self.image_shape)["failed"]
+        batch["tuple_size"] = self.tuple_size
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tuple_size={self.tuple_size}, image_shape={self.image_shape})"

@@ -10,20 +10,25 @@ format is written by one process or by every DDP rank (each writing disjoint chu
 Layout of the folder::
 
     hard_negatives.json   the header, written first (atomically): format, version, model_fingerprint
-                          (sg_train.descriptor_cache.model_fingerprint of the stage-1 model),
-                          data_fingerprint (a digest of the training image list and labels, given
-                          by the caller), num_images, num_classes, top_n, chunk_size, chunks, score
+                          (:func:`scoring_fingerprint` of the stage-1 model and class weights),
+                          data_fingerprint (:func:`training_data_fingerprint`: the training image
+                          list and labels), both given by the caller, num_images, num_classes,
+                          top_n, chunk_size, chunks, score
                           (what a score means), command (how the folder was mined), extra
     chunks/<c>.npz        chunk c = dataset indices [c * chunk_size, min((c + 1) * chunk_size, N)):
                             indices        int64   (n,)        those indices, ascending
                             wrong_classes  int64   (n, top_n)  class ids in [0, num_classes), never the
                                                                image's own; -1 only at the end of a row
-                                                               (fewer than top_n other classes exist)
+                                                               (fewer than top_n other classes exist),
+                                                               or the whole row (an unreadable image)
                             scores         float32 (n, top_n)  their scores (finite; NaN for a -1)
-                            predicted      int64   (n,)        the model's top-1 class
-    chunks/<c>.json       written after the .npz (both atomically): chunk, start, stop and a
-                          BLAKE2b digest of each array. A chunk is finished once its .json exists
-                          and its arrays match the digests.
+                            predicted      int64   (n,)        the model's top-1 class; -1 for an image
+                                                               that could not be read (its row of
+                                                               wrong_classes is all -1 then)
+    chunks/<c>.json       written after the .npz (both atomically): chunk, start, stop, a BLAKE2b
+                          digest of each array, and what the miner added (e.g. the unreadable
+                          images). A chunk is finished once its .json exists and its arrays match
+                          the digests.
 
 A chunk holds a fixed range of indices, so a run killed at any point (SIGKILL included) loses at
 most the chunks in progress: reopening the writer with the same model, data and plan lists the
@@ -32,9 +37,16 @@ uninterrupted run's. Under DDP, rank r mines the chunks ``c % world_size == r``
 (:meth:`HardNegativeWriter.chunks_for`): every image exactly once, no gathering, no final assembly.
 The chunks *are* the output: :func:`load_hard_negatives` reads them in index order and refuses a
 folder that is missing, of another model or data, incomplete, damaged or of an unknown version.
+
+The fingerprints are what a stage-2 run recomputes to check the folder is for it:
+:func:`scoring_fingerprint` (``model_fingerprint``) of the stage-1 embedding model *and* its class
+weights, everything a score depends on but the image pipeline; :func:`training_data_fingerprint`
+(``data_fingerprint``) of the datamodule's training images and their class indices and identities.
+``python -m sg_train.mine_hard_negatives`` (:mod:`sg_train.mine_hard_negatives`) mines a folder.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,15 +54,19 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sg_train.errors import UserInputError
 from sg_train.files import array_digest, atomic_write, write_json
 
+if TYPE_CHECKING:  # torch only where a fingerprint of a model is taken
+    from torch import nn
+
 __all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_SCORE", "FORMAT", "VERSION", "HardNegativeWriter", "HardNegatives",
-           "HardNegativesError", "load_hard_negatives"]
+           "HardNegativesError", "data_fingerprint", "load_hard_negatives", "scoring_fingerprint",
+           "training_data_fingerprint"]
 
 FORMAT = "sg-train-hard-negatives"
 VERSION = 1
@@ -167,8 +183,11 @@ def _check_rows(header: dict[str, Any], wrong_classes: np.ndarray, scores: np.nd
     if wrong_classes.size and (wrong_classes.min() < -1 or wrong_classes.max() >= num_classes):
         raise ValueError(f"wrong_classes must lie in [0, {num_classes}) (or be -1 for none), got "
                          f"{wrong_classes.min()}..{wrong_classes.max()}")
-    if predicted.size and (predicted.min() < 0 or predicted.max() >= num_classes):
-        raise ValueError(f"predicted must lie in [0, {num_classes}), got {predicted.min()}..{predicted.max()}")
+    if predicted.size and (predicted.min() < -1 or predicted.max() >= num_classes):
+        raise ValueError(f"predicted must lie in [0, {num_classes}) (or be -1 for an unreadable image), got "
+                         f"{predicted.min()}..{predicted.max()}")
+    if (valid[predicted == -1]).any():
+        raise ValueError("an unreadable image (predicted -1) has no wrong classes: its row must be all -1")
     if (valid[:, 1:] & ~valid[:, :-1]).any():
         raise ValueError("a -1 (no class) in wrong_classes may only be followed by -1s")
     if not np.isfinite(scores[valid]).all():
@@ -193,8 +212,9 @@ class HardNegativeWriter:
 
     Args:
         path: the folder (created).
-        model_fingerprint: the stage-1 model's (:func:`sg_train.descriptor_cache.model_fingerprint`).
-        data_fingerprint: a digest of the training image list and labels, in dataset order.
+        model_fingerprint: the stage-1 model's and class weights' (:func:`scoring_fingerprint`).
+        data_fingerprint: the training image list's and labels', in dataset order
+            (:func:`training_data_fingerprint`).
         num_images: training images (N >= 1); dataset indices run 0..N-1.
         num_classes: the model's class count (class ids run 0..num_classes-1).
         top_n: wrong classes kept per image (>= 1).
@@ -307,14 +327,18 @@ class HardNegativeWriter:
         """Whether every chunk (of every rank) is finished."""
         return not self.missing_chunks()
 
-    def write_chunk(self, chunk: int, wrong_classes: np.ndarray, scores: np.ndarray, predicted: np.ndarray) -> None:
+    def write_chunk(self, chunk: int, wrong_classes: np.ndarray, scores: np.ndarray, predicted: np.ndarray,
+                    record: dict[str, Any] | None = None) -> None:
         """Write chunk ``chunk``: rows for the indices :meth:`chunk_range` ``(chunk)``, in order.
 
         Args:
             wrong_classes: integer ``(n, top_n)``: each image's most confusable classes other than
                 its own, most confusable first; -1 only at the end of a row.
             scores: float ``(n, top_n)``: their scores (finite where the class is not -1).
-            predicted: integer ``(n,)``: the model's top-1 class of each image.
+            predicted: integer ``(n,)``: the model's top-1 class of each image; -1 for an image that
+                could not be read (its wrong_classes all -1).
+            record: more JSON values for the chunk's record (e.g. its unreadable images), read back
+                with :meth:`chunk_record`.
 
         The ``.npz`` is written, then its ``.json`` record (each atomically): a kill at any point
         leaves the chunk either finished or not. Raises ValueError for wrong shapes or values.
@@ -325,8 +349,16 @@ class HardNegativeWriter:
                   "scores": scores, "predicted": predicted}
         npz, meta = _chunk_paths(self.path, chunk)
         atomic_write(npz, lambda fh: np.savez(fh, **arrays))
-        write_json(meta, {"chunk": chunk, "start": rows.start, "stop": rows.stop,
+        write_json(meta, {**(record or {}), "chunk": chunk, "start": rows.start, "stop": rows.stop,
                           "digests": {name: array_digest(array) for name, array in arrays.items()}})
+
+    def chunk_record(self, chunk: int) -> dict[str, Any] | None:
+        """The record of chunk ``chunk`` (with what :meth:`write_chunk` was given as ``record``) if
+        the chunk is finished and sound, else None."""
+        self.chunk_range(chunk)  # IndexError out of range
+        if _load_chunk(self.path, self.header, chunk)[0] is None:
+            return None
+        return json.loads(_chunk_paths(self.path, chunk)[1].read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------- reading
@@ -339,7 +371,8 @@ class HardNegatives:
         wrong_classes: int64 ``(N, top_n)``: image i's most confusable classes other than its own,
             most confusable first; -1 where there is none.
         scores: float32 ``(N, top_n)``: their scores (``header["score"]`` says what they mean; NaN for -1).
-        predicted: int64 ``(N,)``: the stage-1 model's top-1 class of each image.
+        predicted: int64 ``(N,)``: the stage-1 model's top-1 class of each image; -1 for an image
+            that could not be read when mining (see :attr:`unreadable`).
         header: the folder's header.
     """
 
@@ -357,12 +390,18 @@ class HardNegatives:
     def top_n(self) -> int:
         return self.header["top_n"]
 
+    @property
+    def unreadable(self) -> np.ndarray:
+        """bool ``(N,)``: the images that could not be read when mining (no prediction, no wrong class)."""
+        return self.predicted < 0
+
     def misclassified(self, labels: np.ndarray) -> np.ndarray:
-        """bool ``(N,)``: whether the stage-1 model's top-1 class differs from ``labels`` (int ``(N,)``)."""
+        """bool ``(N,)``: whether the stage-1 model's top-1 class differs from ``labels`` (int ``(N,)``);
+        False for an unreadable image (it has no prediction)."""
         labels = np.asarray(labels)
         if labels.shape != self.predicted.shape:
             raise ValueError(f"labels must have shape {self.predicted.shape}, got {labels.shape}")
-        return self.predicted != labels
+        return (self.predicted != labels) & ~self.unreadable
 
 
 def load_hard_negatives(
@@ -427,3 +466,90 @@ def load_hard_negatives(
                                  f"(chunks {shown}; an interrupted mining); {_rerun(header)}: it resumes with only "
                                  "the missing chunks")
     return HardNegatives(path, out["wrong_classes"], out["scores"], out["predicted"], header)
+
+
+# ---------------------------------------------------------------------------- fingerprints
+_SCORING, _DATA = f"{FORMAT}/scoring/1", f"{FORMAT}/data/1"
+
+
+def scoring_fingerprint(model: nn.Module, loss_fn: nn.Module) -> str:
+    """SHA-256 of everything a mined score depends on but the images: the embedding model's
+    structure (``repr``: layers and their settings such as a fixed GeM p or ReLU+ alpha), its
+    preprocessing (``model.preprocessing``) and every parameter and buffer (name, dtype, shape,
+    bytes), and the margin loss's class weights (``loss_fn.weight``, ``loss_fn.k`` sub-centres).
+
+    Args:
+        model: the stage-1 :class:`~sg_train.model.EmbeddingModel` (``module.model``).
+        loss_fn: its :class:`~sg_train.losses.MarginLoss` (``module.loss_fn``).
+
+    The same value on any device, in train or eval mode, in any memory format: a stage-2 run
+    initialised from the stage-1 checkpoint recomputes it from its own ``model`` and ``loss_fn``
+    before training changes them. Unlike :func:`sg_train.descriptor_cache.model_fingerprint` it
+    leaves out the extraction scales (a score is one forward pass; ``init_from`` lets stage 2 change
+    them); the margin loss's type, scale and margin do not enter either (a score is the cosine
+    before them).
+    """
+    import torch  # noqa: PLC0415 - torch only where a model is fingerprinted
+
+    def update(kind: str, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        h.update(f"\n{kind}:{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        h.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # bytes of every dtype (bf16 too)
+
+    preprocessing = json.dumps(getattr(model, "preprocessing", None), sort_keys=True, default=str)
+    h = hashlib.sha256(f"{_SCORING}\n{type(model).__qualname__}\n{model!r}\n{preprocessing}".encode())
+    for kind, named in (("param", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, tensor in named:
+            update(kind, name, tensor)
+    update(f"class weights k={int(getattr(loss_fn, 'k', 1))}", "weight", loss_fn.weight)
+    return h.hexdigest()
+
+
+def data_fingerprint(names: Any, labels: Any, *, num_classes: int, class_ids: Any = None) -> str:
+    """SHA-256 of a training set in dataset order: its image names (as the dataset holds them, e.g.
+    GLDv2 ids or paths relative to the image folder: moving the folder keeps it), their class
+    indices, the class count and, when given, each class's identity (GLDv2 landmark ids or class
+    names, in class order).
+
+    Args:
+        names: ``(N,)`` strings (a list, or a numpy ``S``/``U`` array as
+            :class:`~datamodules.image_dataset.ImageDataset` keeps them; the same names give the
+            same digest either way).
+        labels: ``(N,)`` integer class indices.
+        num_classes: the class count.
+        class_ids: the identity of each class in class order (ints or strings), or None.
+
+    Raises ValueError when names and labels differ in length.
+    """
+    names = np.asarray(names)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if names.ndim != 1 or len(names) != len(labels):
+        raise ValueError(f"names and labels must be 1-D of equal length, got {names.shape} and {labels.shape}")
+    if names.dtype.kind == "S":  # ASCII (ImageDataset keeps other names as U): the same bytes as encoding them
+        encoded = names.tolist()
+    else:
+        encoded = [str(name).encode("utf-8") for name in names.tolist()]
+    ids = None if class_ids is None else [i if isinstance(i, str) else int(i) for i in class_ids]
+    h = hashlib.sha256(f"{_DATA}\n{len(labels)} images\n{int(num_classes)} classes\n".encode())
+    h.update(json.dumps(ids, separators=(",", ":"), ensure_ascii=True).encode() + b"\n")
+    h.update(b"\0".join(encoded) + b"\n")
+    h.update(labels.astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def training_data_fingerprint(datamodule: Any) -> str:
+    """:func:`data_fingerprint` of a training datamodule
+    (:class:`~datamodules.classification.ImageClassificationDataModule`) after ``setup("fit")``:
+    ``train_dataset``'s names and labels, ``num_classes`` and ``landmark_ids`` (GLDv2) or else
+    ``class_names``. The images stage 2 samples, so it refuses hard negatives mined on others.
+
+    Raises ValueError when the datamodule has no training set yet.
+    """
+    dataset = getattr(datamodule, "train_dataset", None)
+    if dataset is None:
+        raise ValueError(f"{type(datamodule).__name__} has no training set yet: call its setup('fit') first")
+    class_ids = datamodule.landmark_ids
+    if class_ids is None:
+        class_ids = datamodule.class_names
+    return data_fingerprint(dataset.names, dataset.labels, num_classes=datamodule.num_classes, class_ids=class_ids)

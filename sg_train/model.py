@@ -367,7 +367,10 @@ class EmbeddingModel(nn.Module):
         Raises :class:`~sg_train.errors.OptionError` for a training-mode "fc_bn" batch of one image
         (BatchNorm1d has no batch statistics of one sample; torch's own error names no cause).
         """
-        pooled = self.pooled(images)  # float32 from the head
+        return self._neck(self.pooled(images))
+
+    def _neck(self, pooled: Tensor) -> Tensor:
+        """:meth:`embed` from the pooled features (float32 from the head)."""
         if self.bn is None:
             pooled = F.normalize(pooled, p=2, dim=-1)
         out = self.fc(pooled.to(self.fc.weight.dtype))
@@ -384,6 +387,13 @@ class EmbeddingModel(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """L2-normalised descriptors ``(B, embedding_dim)`` at the input's own scale."""
         return F.normalize(self.embed(images), p=2, dim=-1)
+
+    def forward_with_feature_map(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(descriptors, feature_map)`` from one backbone pass: :meth:`forward`'s L2-normalised
+        ``(B, embedding_dim)`` descriptors and the backbone's last feature map ``(B, C, h, w)`` they
+        were pooled from (CFCD stage 2 takes its local descriptors from it). Raises as :meth:`embed`."""
+        feature_map = self.backbone.forward_features(images)
+        return F.normalize(self._neck(self.head(feature_map)), p=2, dim=-1), feature_map
 
     def scale_descriptor(self, images: Tensor) -> Tensor:
         """The per-scale descriptor :meth:`extract` aggregates: :meth:`embed` for "l2_fc" (SuperGlobal

@@ -1,6 +1,7 @@
 """The LightningModule: an :class:`EmbeddingModel` trained with a margin loss over class weights."""
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,7 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from sg_train.errors import OptionError
 from sg_train.finetune import CLASS_TRANSFERS, check_configured_as_stored, load_finetune_weights
+from sg_train.hard_negatives import scoring_fingerprint
 from sg_train.losses import build_loss
+from sg_train.losses.local_triplet import check_local_triplet_options, local_triplet_loss_batch
 from sg_train.metrics import HeldOutClassification
 from sg_train.model import EmbeddingModel
 from sg_train.optim import (
@@ -58,6 +61,12 @@ class LandmarkRetrievalModule(pl.LightningModule):
             lists the classes copied and the new ones.
         channels_last: keep weights and images in NHWC memory layout (faster convolutions on
             recent GPUs with AMP, and on CPU with oneDNN).
+        local_triplet_weight: λ of CFCD's second stage (0: off). With λ > 0 the training batches
+            are whole tuples (anchor, positive, hard negatives: ``data.hard_negatives``) and the
+            loss is ``margin loss + λ · mean over the global batch's tuples of each tuple's local
+            triplet sum`` (:mod:`sg_train.losses.local_triplet`, docs/design.md §3).
+        local_triplet_options: ``margin`` (0.1), ``ratio`` (0.9), ``top_fraction`` (0.5) of the
+            local triplet loss.
     """
 
     def __init__(
@@ -81,6 +90,8 @@ class LandmarkRetrievalModule(pl.LightningModule):
         init_from: str | None = None,
         class_transfer: Literal["name", "landmark_id", "none"] = "name",
         channels_last: bool = False,
+        local_triplet_weight: float = 0.0,
+        local_triplet_options: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["class_counts", "landmark_ids", "class_names", "optimizer"])
@@ -91,6 +102,12 @@ class LandmarkRetrievalModule(pl.LightningModule):
                 raise OptionError(f"{len(labels)} {what} for num_classes={num_classes}; they describe the classes in order")
         if class_transfer not in CLASS_TRANSFERS:
             raise OptionError(f"class_transfer must be one of {CLASS_TRANSFERS}, got {class_transfer!r}")
+        if not (math.isfinite(local_triplet_weight) and local_triplet_weight >= 0):
+            raise OptionError(f"local_triplet_weight must be a finite number >= 0, got {local_triplet_weight!r}")
+        self.local_triplet = check_local_triplet_options(local_triplet_options) if local_triplet_weight > 0 else None
+        #: fingerprint of the weights stage 2 starts from (the stage-1 model the hard negatives were
+        #: mined with): taken at setup, after init_from, before any step
+        self.starting_fingerprint: str | None = None
         self._schedule_total_steps: int | None = None  # optimizer steps of the schedule built for this run
         self._resumed_schedule: tuple[int | None, int] = (None, 0)  # (the checkpoint's schedule length, its step)
         self.model = EmbeddingModel(
@@ -122,6 +139,8 @@ class LandmarkRetrievalModule(pl.LightningModule):
                 self, self.hparams.init_from, target_landmark_ids=self.landmark_ids,
                 target_class_names=self.class_names, class_transfer=self.hparams.class_transfer,
             )
+        if stage == "fit" and self.local_triplet is not None:  # before a resume restores the trained weights
+            self.starting_fingerprint = scoring_fingerprint(self.model, self.loss_fn)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         write_checkpoint_record(
@@ -151,6 +170,8 @@ class LandmarkRetrievalModule(pl.LightningModule):
         self._resumed_schedule = (checkpoint.get(SCHEDULE_KEY, {}).get("total_steps"), int(checkpoint.get("global_step", 0)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.local_triplet is not None:
+            return self._tuple_training_step(batch)
         images, labels = batch["image"], batch["label"]
         if images.shape[0] == 0:
             # Every image of this batch was unreadable (they are reported by SkippedImagesReport).
@@ -166,6 +187,49 @@ class LandmarkRetrievalModule(pl.LightningModule):
         for name, value in self.loss_fn.live_stats().items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         return output.loss
+
+    def _tuple_training_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """CFCD stage 2: the margin loss on every image of the batch's tuples plus λ times the mean
+        local triplet loss over the global batch's tuples. Each rank's triplet sum is scaled by
+        ``world_size / global tuple count`` so that DDP's gradient average is exactly the global
+        mean (ranks may hold one tuple more than others). Logs ``train/local_triplet`` (global mean
+        per tuple), ``train/local_triplet_weight`` (λ), ``train/matches_per_tuple`` and
+        ``train/active_triplets`` (the fraction of triplets with a positive hinge)."""
+        images, labels = batch["image"], batch["label"]
+        if "tuple_size" not in batch:
+            raise OptionError("model.local_triplet_weight > 0 trains on tuples, but the batches are plain images: "
+                              "set data.hard_negatives (the mined folder) so the datamodule samples tuples")
+        size = int(batch["tuple_size"])
+        tuples = images.shape[0] // size
+        if tuples:
+            descriptors, feature_map = self.model.forward_with_feature_map(
+                images.contiguous(memory_format=self.memory_format))
+            output = self.loss_fn(descriptors, labels)
+            maps = feature_map.reshape(tuples, size, *feature_map.shape[1:])
+            losses, stats = local_triplet_loss_batch(maps[:, 0], maps[:, 1], maps[:, 2:], **self.local_triplet)
+            self.train_accuracy(output.cosine.argmax(dim=1), labels)
+            self.log("train/acc", self.train_accuracy, prog_bar=True, on_step=True, on_epoch=True,
+                     batch_size=labels.shape[0])
+            classification = output.loss
+        else:  # every tuple had an unreadable image: a zero loss that keeps DDP's all-reduce in step
+            classification = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+            losses = classification.new_zeros(0)
+            stats = None
+        local = torch.stack([losses.detach().sum(), losses.new_tensor(float(tuples)),
+                             losses.new_tensor(float(stats.matches.sum()) if stats else 0.0),
+                             losses.new_tensor(float(stats.triplets.sum()) if stats else 0.0),
+                             losses.new_tensor(float(stats.active.sum()) if stats else 0.0)])
+        local_sum, count, matches, triplets, active = self.trainer.strategy.reduce(local, reduce_op="sum")
+        weight = float(self.hparams.local_triplet_weight)
+        triplet = losses.sum() * (self.trainer.world_size / count) if count > 0 else losses.sum()
+        loss = classification + weight * triplet
+        self._log_global_batch_loss(loss, labels.shape[0])
+        if count > 0:
+            self.log_dict({"train/local_triplet": local_sum / count, "train/matches_per_tuple": matches / count,
+                           "train/local_triplet_weight": weight})
+            if triplets > 0:
+                self.log("train/active_triplets", active / triplets)
+        return loss
 
     def _log_global_batch_loss(self, loss: torch.Tensor, batch_size: int) -> None:
         """Log ``train/loss`` as the mean loss over the global batch (every rank's samples).

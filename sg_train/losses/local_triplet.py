@@ -46,6 +46,7 @@ from ..errors import OptionError
 
 __all__ = [
     "LocalTripletStats",
+    "check_local_triplet_options",
     "local_attention",
     "local_descriptors",
     "local_triplet_loss",
@@ -107,6 +108,18 @@ def _check_margin(margin: object) -> float:
     if m < 0.0:
         raise OptionError(f"margin must be ≥ 0, got {margin!r}")
     return m
+
+
+def check_local_triplet_options(options: dict[str, object] | None) -> dict[str, float]:
+    """``{"margin", "ratio", "top_fraction"}`` of :func:`local_triplet_loss_batch` from ``options``
+    (missing keys take the published defaults 0.1, 0.9, 0.5). Raises :class:`OptionError` naming an
+    unknown key or a value out of range (margin ≥ 0; ratio and top_fraction in (0, 1])."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"margin", "ratio", "top_fraction"})
+    if unknown:
+        raise OptionError(f"unknown local triplet option(s) {unknown}: the options are margin, ratio, top_fraction")
+    return {"margin": _check_margin(options.get("margin", 0.1)), "ratio": _check_ratio(options.get("ratio", 0.9)),
+            "top_fraction": _check_top_fraction(options.get("top_fraction", 0.5))}
 
 
 def _check_tensor(name: str, x: object, dims: int, layout: str) -> Tensor:
