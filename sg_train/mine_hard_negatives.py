@@ -432,24 +432,18 @@ def _write_unreadable(writer: HardNegativeWriter) -> list[list[Any]]:
 
 
 # ---------------------------------------------------------------------------- command line
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
 
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,15 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, metavar="STAGE1.ckpt",
                         help="the stage-1 checkpoint (train.py), e.g. runs/stage1/checkpoints/last.ckpt")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    parser.add_argument("--top-n", type=_positive, default=10, metavar="N",
+    parser.add_argument("--top-n", type=_at_least(1), default=10, metavar="N",
                         help="wrong classes kept per image, < the class count (default 10)")
-    parser.add_argument("--batch-size", type=_positive, default=64, metavar="N",
+    parser.add_argument("--batch-size", type=_at_least(1), default=64, metavar="N",
                         help="images per forward pass (default 64)")
-    parser.add_argument("--num-workers", type=_non_negative, default=None, metavar="N",
+    parser.add_argument("--num-workers", type=_at_least(0), default=None, metavar="N",
                         help="DataLoader workers (default: the configuration's data.num_workers)")
     parser.add_argument("--device", default=None, metavar="DEVICE",
                         help="cpu or cuda (default: cuda when there is one; under torchrun cuda:LOCAL_RANK)")
-    parser.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE, metavar="N",
+    parser.add_argument("--chunk-size", type=_at_least(1), default=DEFAULT_CHUNK_SIZE, metavar="N",
                         help=f"images per chunk, the unit of resumption and of the split over ranks "
                              f"(default {DEFAULT_CHUNK_SIZE})")
     parser.add_argument("--overwrite", action="store_true",

@@ -78,3 +78,22 @@ def tiny_benchmark(tmp_path_factory):
     generate(out, train_landmarks=4, views_per_landmark=3, bench_landmarks=3, bench_positives=3,
              bench_distractors=6, r1m_distractors=0, image_size=64, progress=False)
     return out / "revisited"
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Descriptor-mode input of evaluate.py: ``{"gnd", "Q", "X"}`` paths of a generated 12-query,
+    400-image benchmark (``gnd_toyford.pkl``, fp32 queries, fp16 database)."""
+    import pickle
+
+    import numpy as np
+    from test_retrieval_reference import clustered_descriptors, random_gnd
+
+    rng = np.random.default_rng(0)
+    gnd = random_gnd(12, 400, rng, sizes=((3, 25), (3, 25), (2, 20)))
+    Q, X = clustered_descriptors(gnd, 32, rng, noise=3.0)
+    paths = {"gnd": tmp_path / "gnd_toyford.pkl", "Q": tmp_path / "Q.npy", "X": tmp_path / "X.npy"}
+    paths["gnd"].write_bytes(pickle.dumps(gnd))
+    np.save(paths["Q"], Q.numpy())
+    np.save(paths["X"], X.numpy().astype(np.float16))
+    return paths

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_retrieval_reference import clustered_descriptors, random_gnd
 
 from sg_train.retrieval import evaluate_descriptors, load_gnd
 
@@ -18,18 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
 evaluate_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(evaluate_cli)
-
-
-@pytest.fixture
-def files(tmp_path):
-    rng = np.random.default_rng(0)
-    gnd = random_gnd(12, 400, rng, sizes=((3, 25), (3, 25), (2, 20)))
-    Q, X = clustered_descriptors(gnd, 32, rng, noise=3.0)
-    paths = {"gnd": tmp_path / "gnd_toyford.pkl", "Q": tmp_path / "Q.npy", "X": tmp_path / "X.npy"}
-    paths["gnd"].write_bytes(pickle.dumps(gnd))
-    np.save(paths["Q"], Q.numpy())
-    np.save(paths["X"], X.numpy().astype(np.float16))
-    return paths
 
 
 def run_main(capsys, *argv):

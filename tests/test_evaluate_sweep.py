@@ -22,16 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = ROOT / "configs" / "sweeps" / "rerank.yaml"
 
 
-@pytest.fixture
-def files(tmp_path):
-    rng = np.random.default_rng(0)
-    gnd = random_gnd(12, 400, rng, sizes=((3, 25), (3, 25), (2, 20)))
-    Q, X = clustered_descriptors(gnd, 32, rng, noise=3.0)
-    paths = {"gnd": tmp_path / "gnd_toyford.pkl", "Q": tmp_path / "Q.npy", "X": tmp_path / "X.npy"}
-    paths["gnd"].write_bytes(pickle.dumps(gnd))
-    np.save(paths["Q"], Q.numpy())
-    np.save(paths["X"], X.numpy().astype(np.float16))
-    return paths
 
 
 def descriptor_args(files) -> list[str]:
