@@ -97,3 +97,18 @@ def files(tmp_path):
     np.save(paths["Q"], Q.numpy())
     np.save(paths["X"], X.numpy().astype(np.float16))
     return paths
+
+
+@pytest.fixture
+def wandb_env(monkeypatch):
+    """``wandb_env(WANDB_RUN_ID="x", ...)`` sets W&B variables for this test as a fresh process would
+    see them: W&B reads WANDB_* once per process (its setup singleton) and ignores later changes, so
+    the singleton goes too (in a test run after others, a W&B run would otherwise not see them)."""
+    def set_env(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None:
+            wandb.teardown()
+
+    return set_env

@@ -182,9 +182,9 @@ def test_alpha_dba_then_alpha_qe_then_rerank_follow_the_formulas(tmp_path, capsy
         assert written[key] == pytest.approx({p: expected[key][p]["mAP"] for p in "EMH"}, abs=1e-12)
 
 
-def test_every_point_is_one_row_of_one_wandb_run(files, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
-    monkeypatch.setenv("WANDB_RUN_ID", "sweeprun1")  # as a W&B sweep agent sets it: the run joins it
+def test_every_point_is_one_row_of_one_wandb_run(files, tmp_path, capsys, monkeypatch, wandb_env):
+    # WANDB_RUN_ID as a W&B sweep agent sets it: the run joins it
+    wandb_env(WANDB_DIR=str(tmp_path / "wandb_home"), WANDB_RUN_ID="sweeprun1")
     (tmp_path / "wandb_home").mkdir()
     grid = {"M": [20, 400], "K": [3, 9], "beta": [0.15], "qe_n": [0, 2]}
     code, _, err = run_main(capsys, [*descriptor_args(files), "--rerank", *grid_options(grid),
