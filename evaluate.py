@@ -69,6 +69,7 @@ from sg_train.errors import OptionError, UserInputError, user_error_line  # noqa
 from sg_train.eval_protocols import EVAL_PROTOCOLS, EvalProtocol, resolve_protocol  # noqa: E402
 from sg_train.extraction import bind_protocol, extract_all  # noqa: E402
 from sg_train.figures import example_grid  # noqa: E402
+from sg_train.run_folder import check_writable_dir  # noqa: E402
 from sg_train.retrieval.examples import revisited_examples, select_queries  # noqa: E402
 from sg_train.files import write_json  # noqa: E402
 from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
@@ -444,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.examples < 1 or args.examples_k < 1:
         parser.error(f"--examples and --examples-k must be >= 1, got {args.examples} and {args.examples_k}")
     try:
+        if args.examples_dir:  # before any extraction: a folder that cannot be written fails at once
+            check_writable_dir(args.examples_dir, "--examples-dir folder", "give --examples-dir a folder you can write")
         if args.wandb is not None:  # decided before any work: a bad WANDB_MODE fails at once
             wandb_mode, note = resolve_wandb_mode(offline=False)
             if note:

@@ -116,8 +116,9 @@ class TrainCLI(LightningCLI):
                 check_writable_dir(run_dir, "run folder")
             return
         sweep = sweep_run()
-        if sweep is not None:
-            run_dir = os.path.join(run_dir, f"sweep-{sweep[0]}", sweep[1])
+        trial = None if sweep is None else os.path.join(f"sweep-{sweep[0]}", sweep[1])
+        if trial is not None and not os.path.normpath(run_dir).endswith(os.sep + trial):
+            run_dir = os.path.join(run_dir, trial)  # (a trial's own config.yaml already names its folder)
         ckpt_path = config.get("ckpt_path")  # absent when built with run=False
         if rank_zero_only.rank != 0:  # DDP workers: rank 0 decided and checked everything
             resume = resolve_checkpoint(run_dir, ckpt_path)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.last_checkpoint import LastCheckpoint
 from datamodules.revisited import RevisitedDataset
@@ -128,8 +128,9 @@ class RetrievalEvalCallback(Callback):
         examples_k: results shown per example query.
         log_descriptors: at the end of ``fit``, log the last evaluation's descriptors of each
             dataset as a W&B artifact of type ``dataset`` (``queries.npy``, ``database.npy`` and the
-            ground truth or labels: the input of ``evaluate.py --descriptors``), with the epoch, the
-            protocol and the model fingerprint in its metadata.
+            Revisited ground truth, the input of ``evaluate.py --descriptors``, or a labelled set's
+            label arrays), with the epoch, the protocol and the model fingerprint in its metadata.
+            Without an enabled W&B logger it warns and logs nothing.
 
     Raises :class:`~sg_train.eval_protocols.ProtocolError` at construction for an unknown protocol
     or bad scales/max_size, and at setup when the protocol fixes colours the model contradicts.
@@ -377,10 +378,14 @@ class RetrievalEvalCallback(Callback):
 
         latest = self.history[-1]
         fingerprint = model_fingerprint(trainer.lightning_module.model)
-        for logger in trainer.loggers:
-            if not isinstance(logger, WandbLogger) or logger.experiment.settings.mode == "disabled":
-                continue
-            run = logger.experiment
+        runs = [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        runs = [run for run in runs if run.settings.mode != "disabled"]
+        if not runs or not self._descriptors:
+            rank_zero_warn("log_descriptors=true, but no descriptors are logged: " + (
+                "the run has no enabled W&B logger (WANDB_MODE=disabled or no WandbLogger)" if not runs else
+                "no retrieval evaluation ran in this process (the fit was already complete)"))
+            return
+        for run in runs:
             for name, (Q, X) in self._descriptors.items():
                 queries = self._datasets[name][0]
                 metadata = {"dataset": name, "epoch": latest["epoch"], "global_step": latest["global_step"],

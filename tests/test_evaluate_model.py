@@ -134,7 +134,8 @@ def test_r1m_distractors_are_added_and_never_raise_map(checkpoint, tmp_path):
     assert not list((tmp_path / "r1m_desc").glob("*/database+r1m.npy"))  # the combined copy is gone
 
 
-def test_examples_dir_draws_each_dataset_and_refuses_what_it_cannot_draw(checkpoint, synthetic_data, tmp_path, capsys):
+def test_examples_dir_draws_each_dataset_and_refuses_what_it_cannot_draw(checkpoint, synthetic_data, tmp_path, capsys,
+                                                                         monkeypatch):
     out = tmp_path / "out.json"
     shown = tmp_path / "examples"
     argv = ["--checkpoint", str(checkpoint), "--scales", "1.0", *common_args(synthetic_data, out), "--M", "20", "--K", "3"]
@@ -144,6 +145,13 @@ def test_examples_dir_draws_each_dataset_and_refuses_what_it_cannot_draw(checkpo
 
     with Image.open(shown / "rsynth.png") as image:  # 2 queries x (global + reranked) rows of 96 px
         assert image.format == "PNG" and image.height > 4 * 96 and image.width > 4 * 96
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("extracted before checking --examples-dir")
+
+    monkeypatch.setattr(evaluate, "extract_all", no_extraction)
+    (tmp_path / "a_file").write_text("")
+    assert evaluate.main([*argv, "--examples-dir", str(tmp_path / "a_file" / "examples")]) == 1
+    assert "cannot write the --examples-dir folder" in capsys.readouterr().err
     for extra, message in ((["--M", "20", "40"], "draws one setting"), (["--qe-n", "2"], "draws one setting"),
                            (["--examples", "0"], "must be >= 1")):
         with pytest.raises(SystemExit):

@@ -97,7 +97,7 @@ def run_as_agent(tmp_path: Path, config: Path, sweep_id: str, run_id: str) -> Pa
     return tmp_path / "runs" / "sweeps" / f"sweep-{sweep_id}" / run_id
 
 
-def test_agent_runs_are_the_agents_wandb_runs_each_in_its_own_folder(tmp_path, synthetic_data):
+def test_agent_runs_are_the_agents_wandb_runs_each_in_its_own_folder(tmp_path, synthetic_data, wandb_env):
     """Two trials of one sweep: each logs to the W&B run the agent made for it, with the swept values
     and the sweep's metric, in its own run folder; a resume outside the agent keeps the run's id."""
     spec = sweep()
@@ -118,6 +118,15 @@ def test_agent_runs_are_the_agents_wandb_runs_each_in_its_own_folder(tmp_path, s
     train.main(["fit", "--config", str(first / "config.yaml"), f"--ckpt_path={last}", "--trainer.max_epochs=2"])
     runs = wandb_records.run_files(first / "wandb")
     assert [wandb_records.run_record(p)["run_id"] for p in runs] == ["trial001", "trial001"]
+
+    # the agent restarts a trial (preempted): the sweep command's --ckpt_path=last continues its folder
+    assert run_as_agent(tmp_path, config, "swp0001", "trial001") == first
+    # continued by hand with the agent's variables still set: the trial's config.yaml names its folder
+    wandb_env(WANDB_SWEEP_ID="swp0001", WANDB_RUN_ID="trial001")
+    train.main(["fit", "--config", str(first / "config.yaml"), "--ckpt_path=last", "--trainer.max_epochs=3"])
+    assert not (first / "sweep-swp0001").exists()
+    assert [start["resumed_from"] is not None for start in json.loads((first / "run.json").read_text())["starts"]] == [
+        False, True, True, True]
 
 
 def test_a_sweep_id_without_a_run_id_is_named(tmp_path, synthetic_data, monkeypatch):

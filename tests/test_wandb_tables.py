@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
 from PIL import Image
 
 import train
@@ -63,3 +65,10 @@ def test_examples_tables_pngs_curves_and_descriptor_artifacts(tmp_path, syntheti
     assert meta["epoch"] == 1 and meta["stage"] == "trained" and meta["dim"] == 32
     assert meta["metrics"]["rerank_mAP"]["M"] == json.loads((run_dir / "results.json").read_text())[
         "trained"]["per_dataset"]["rsynth"]["rerank_mAP"]["M"]
+
+
+def test_asking_for_descriptors_without_wandb_says_none_are_logged(tmp_path, synthetic_data):
+    config = demo_config(tmp_path, synthetic_data, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                         retrieval={"rerank": False, "examples": 0, "log_descriptors": True})
+    with pytest.warns(Warning, match="no descriptors are logged: the run has no enabled W&B logger"):
+        train.main(["fit", "--config", str(config), "--trainer.logger=false"])
