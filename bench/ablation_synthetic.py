@@ -53,7 +53,6 @@ def fit(out: Path, name: str, data: Path, epochs: int, extra: list[str]) -> tupl
                    f"--data.init_args.data_root={data / 'gldv2'}",
                    f"--trainer.callbacks.init_args.data_root={data / 'revisited'}",
                    "--trainer.callbacks.init_args.evaluate_before_training=false",
-                   "--trainer.callbacks.init_args.every_n_epochs=1000",  # the last epoch only
                    "--trainer.callbacks.init_args.examples=0", *extra], out / f"{folder.name}.log")
     results = json.loads((folder / "results.json").read_text())
     return results["trained"]["per_dataset"]["rsynth"], seconds
