@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import yaml
 
 from sg_train.errors import UserInputError, user_error_line
 from sg_train.files import atomic_write
@@ -143,10 +144,18 @@ def load_training_data(config: str | os.PathLike) -> Any:
             return None
 
     try:
+        options = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MiningError(f"--config {config} is not YAML ({e})") from None
+    if not isinstance(options, dict):
+        raise MiningError(f"--config {config} holds no configuration (a YAML mapping of train.py's options)")
+    for key in ("ckpt_path", "weights_only"):  # the fit command's own options, in a run folder's config.yaml
+        options.pop(key, None)
+    try:
         with warnings.catch_warnings():  # args given while sys.argv holds this command's own arguments: meant so
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             cli = DataOnlyCLI(train.LandmarkRetrievalModule, train.ImageClassificationDataModule,
-                              subclass_mode_data=True, auto_configure_optimizers=False, args=["--config", str(config)],
+                              subclass_mode_data=True, auto_configure_optimizers=False, args=options,
                               run=False, parser_kwargs={"exit_on_error": False})
     except ArgumentError as e:
         raise MiningError(f"--config {config} is not a configuration train.py accepts: {e}") from None

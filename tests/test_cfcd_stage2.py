@@ -24,7 +24,9 @@ def stage1(tmp_path_factory, synthetic_data):
     wandb.finish()  # a fixture: the per-test finish comes too late, the next WandbLogger would reuse the run
     checkpoint = root / "run" / "checkpoints" / "last.ckpt"
     mined = root / "hard_negatives"
-    assert mine_hard_negatives.main(["--config", str(config), "--checkpoint", str(checkpoint), "--out", str(mined),
+    # the run folder's config.yaml, as the README says (it holds the fit command's ckpt_path too)
+    assert mine_hard_negatives.main(["--config", str(root / "run" / "config.yaml"), "--checkpoint", str(checkpoint),
+                                     "--out", str(mined),
                                      "--top-n", "3", "--num-workers", "0", "--no-progress"]) == 0
     return config, checkpoint, mined
 
