@@ -14,6 +14,7 @@ from child_env import child_env
 from callbacks.retrieval_eval import RetrievalEvalCallback
 from datamodules.gldv2 import GLDv2DataModule
 from sg_train.module import LandmarkRetrievalModule
+from sg_train.synthetic.class_folders import generate_class_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = [f"retrieval/rsynth/{kind}_{p}" for kind in ("mAP", "rerank_mAP") for p in "EMH"]
@@ -67,22 +68,18 @@ def test_missing_benchmark_is_reported_at_setup(synthetic_data, tmp_path):
         trainer.validate(tiny_module(datamodule.num_classes), datamodule)
 
 
-def test_ddp_two_processes_give_the_single_process_numbers_exactly(synthetic_data, tmp_path):
-    """``train.py validate`` on 1 and on 2 CPU processes (subprocesses: DDP inside pytest re-launches pytest)."""
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+def validate_on_one_and_two_processes(config: dict, retrieval: dict, tmp_path: Path) -> dict[str, float]:
+    """Run ``train.py validate`` with ``config`` and the retrieval callback options ``retrieval`` on 1
+    and on 2 CPU processes (subprocesses: DDP inside pytest re-launches pytest); assert that both ranks
+    of the 2-process run logged exactly the single-process ``retrieval/...`` metrics, and return them."""
     config["trainer"].update(logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path / "run"))
     config["trainer"]["callbacks"] = [
-        {
-            "class_path": "callbacks.retrieval_eval.RetrievalEvalCallback",
-            "init_args": {"data_root": str(synthetic_data / "revisited"), "datasets": ["rsynth"], "batch_size": 3,
-                          "num_workers": 0, "progress": False},
-        },
+        {"class_path": "callbacks.retrieval_eval.RetrievalEvalCallback",
+         "init_args": {"batch_size": 3, "num_workers": 0, "progress": False, **retrieval}},
         {"class_path": "ddp_probe.RecordRetrievalMetrics", "init_args": {"out_dir": str(tmp_path / "probe")}},
     ]
-    config["model"].update(backbone="resnet18", embedding_dim=32, head="rgem+gemp+sgem")
-    config["data"]["init_args"].update(data_root=str(synthetic_data / "gldv2"), image_size=64, batch_size=8, num_workers=0)
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
     env = child_env()
     for devices, strategy in ((1, "auto"), (2, "ddp")):
         command = [sys.executable, str(ROOT / "train.py"), "validate", "--config", str(config_path),
@@ -90,6 +87,29 @@ def test_ddp_two_processes_give_the_single_process_numbers_exactly(synthetic_dat
         result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     single = json.loads((tmp_path / "probe" / "world1_rank0.json").read_text())
-    assert sorted(single) == sorted(KEYS)
     for rank in (0, 1):
         assert json.loads((tmp_path / "probe" / f"world2_rank{rank}.json").read_text()) == single
+    return single
+
+
+def test_ddp_two_processes_give_the_single_process_numbers_exactly(synthetic_data, tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["model"].update(backbone="resnet18", embedding_dim=32, head="rgem+gemp+sgem")
+    config["data"]["init_args"].update(data_root=str(synthetic_data / "gldv2"), image_size=64, batch_size=8, num_workers=0)
+    retrieval = {"data_root": str(synthetic_data / "revisited"), "datasets": ["rsynth"]}
+    assert sorted(validate_on_one_and_two_processes(config, retrieval, tmp_path)) == sorted(KEYS)
+
+
+def test_ddp_held_out_photos_give_the_single_process_numbers_exactly(tmp_path):
+    """Your photos' held-out benchmark (leave-one-out, SuperGlobal rerank) on 1 and 2 processes:
+    15 held-out photos do not split evenly over two ranks, so a padded or repeated photo would show."""
+    photos = tmp_path / "My Photos"
+    generate_class_folders(photos, landmarks=5, views=7, image_size=64, progress=False)
+    config = yaml.safe_load((ROOT / "configs" / "finetune_folder.yaml").read_text())
+    config["model"].update(embedding_dim=32)
+    config["data"]["init_args"].update(images=str(photos), image_size=64, batch_size=8, num_workers=0, val_fraction=0.4)
+    retrieval = {"held_out": True, "ks": [1, 5], "M": 6, "K": 2}
+    metrics = validate_on_one_and_two_processes(config, retrieval, tmp_path)
+    assert {"retrieval/held_out/mAP@5", "retrieval/held_out/rerank_MAP@R"} <= set(metrics)
+    (split_file,) = (photos / ".sg-train").glob("held_out_*.json")
+    assert len(json.loads(split_file.read_text())["held_out"]) == 15  # 3 of each class of 7
