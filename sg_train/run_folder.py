@@ -154,7 +154,10 @@ def plan_run(
     - ``ckpt_path=None``: a new run; ``run_dir`` must hold no earlier run (see
       :func:`earlier_run_files`), else the error names what is there and the two ways out.
     - ``ckpt_path="last"``: continue ``<run_dir>/checkpoints/last.ckpt`` if it exists, else start
-      a new run as above (a job script that is simply re-submitted after a crash).
+      a new run (a job script that is simply re-submitted after a crash): in an empty folder, or
+      again in a folder whose run ended before it saved any checkpoint (a crash in its first
+      epoch, a pre-flight refusal); a folder with other checkpoints but no ``last.ckpt`` is refused,
+      naming the newest one.
     - ``ckpt_path=<file>``: continue from that checkpoint; when it lies in a run folder's
       ``checkpoints/`` that folder must be ``run_dir`` (one run, one folder).
 
@@ -166,20 +169,24 @@ def plan_run(
     info = read_run_file(run_dir)
     if resume_from is None:
         earlier = earlier_run_files(run_dir)
-        if earlier:
+        saved = sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if earlier and (saved or str(ckpt_path) != "last"):
             last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-            saved = sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
             if last.is_file():
                 go_on = f"continue it with --ckpt_path {last}"
             elif saved:
                 go_on = f"it has no last.ckpt; continue it from its newest checkpoint with --ckpt_path {saved[-1]}"
             else:
-                go_on = "it saved no checkpoint to continue from: delete the folder to start it again"
+                go_on = "it saved no checkpoint to continue from: start it again with --ckpt_path last"
             raise RunFolderError(
                 f"the run folder {run_dir} already holds a run ({', '.join(earlier[:6])}); {go_on}; or start a new "
                 "run in another folder with --trainer.default_root_dir <new folder>"
             )
-        info = {"format": RUN_FORMAT, "version": RUN_VERSION, "wandb_id": new_wandb_id, "starts": []}
+        # a new run, or (--ckpt_path last) the folder's run started again: it ended before saving any
+        # checkpoint, so nothing of it can be continued; its earlier starts stay listed in run.json
+        # and its W&B run stays as it was (the new start gets a new W&B id)
+        starts = info["starts"] if earlier and info is not None else []
+        info = {"format": RUN_FORMAT, "version": RUN_VERSION, "wandb_id": new_wandb_id, "starts": starts}
     elif info is None:  # a checkpoint from a folder without run.json (copied, or older sg-train)
         info = {"format": RUN_FORMAT, "version": RUN_VERSION, "wandb_id": new_wandb_id, "starts": []}
     return RunPlan(run_dir=run_dir, resume_from=resume_from, wandb_id=info.get("wandb_id"), info=info)

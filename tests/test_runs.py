@@ -99,6 +99,22 @@ def test_a_new_run_never_reuses_a_folder_that_holds_a_run(tmp_path, synthetic_da
                     f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"])
 
 
+def test_ckpt_path_last_starts_again_a_run_that_ended_before_its_first_checkpoint(tmp_path, synthetic_data):
+    """A job script re-submitted with ``--ckpt_path last`` after its first attempt died in epoch 0
+    (killed, or stopped by bad data): nothing can be continued, so the same command starts it again."""
+    config = demo_config(tmp_path, synthetic_data)
+    args = ["fit", "--config", str(config), "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
+    train.main(args)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed before the first epoch ended
+    with pytest.raises(RunFolderError, match=r"saved no checkpoint to continue from: start it again with --ckpt_path last"):
+        train.main(args)
+    cli = train.main([*args, "--ckpt_path=last"])
+    assert cli.trainer.global_step == 1 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert len(json.loads((tmp_path / "run" / "run.json").read_text())["starts"]) == 2
+    with pytest.raises(RunFolderError, match=r"already holds a run.*continue it with --ckpt_path"):
+        train.main(args)  # now it has a checkpoint: continued, never started again
+
+
 def test_unwritable_run_or_checkpoint_folder_stops_before_training(tmp_path, synthetic_data):
     config = demo_config(tmp_path, synthetic_data)
     blocker = tmp_path / "a_file"
