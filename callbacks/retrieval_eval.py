@@ -311,10 +311,12 @@ class RetrievalEvalCallback(Callback):
                 raise
             path = self._checkpoint_dir(trainer) / LAST_CHECKPOINT
             trainer.save_checkpoint(path)
+            where = [f"the benchmarks under {self.data_root}"] if self.datasets else []
+            where += ["the held-out photos"] if self.held_out else []
             raise RetrievalEvaluationError(
                 f"retrieval evaluation failed at epoch {trainer.current_epoch} (global step {trainer.global_step}): "
-                f"{type(exc).__name__}: {exc}. The trained weights are saved in {path}; fix the benchmark under "
-                f"{self.data_root} and continue with --ckpt_path {path}"
+                f"{type(exc).__name__}: {exc}. The trained weights are saved in {path}; fix {' or '.join(where)} "
+                f"and continue with --ckpt_path {path}"
             ) from exc
 
     @staticmethod

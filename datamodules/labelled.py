@@ -31,7 +31,7 @@ from .labelled_index import (
     read_class_folders,
     read_labelled_csv,
 )
-from .revisited import EvalImageDataset
+from .revisited import EvalImageDataset, read_image_sizes
 
 __all__ = ["LabelledBenchmark", "LabelledImagesDataModule"]
 
@@ -187,19 +187,29 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
 
         Queries: the held-out images marked ``is_query`` (all of them when the data does not say);
         gallery: those marked ``is_gallery`` (all). Boxes crop as in training. None when nothing
-        is held out. Unreadable images and boxes outside their image were dealt with when the data
-        was read (:func:`~datamodules.labelled_index.drop_unreadable`).
+        is held out. Files that are no image and boxes outside their image were dealt with when the
+        data was read (:func:`~datamodules.labelled_index.drop_unreadable`, headers only); here every
+        held-out image is decoded whole once, and one that cannot be (cut short, damaged after its
+        header) is left out of the benchmark with a warning naming it, never trained on either (the
+        split, and so the resume check, stay as they were).
         """
         data = self.data
         rows = np.flatnonzero(self.held_out)
         if not len(rows):
             return None
+        paths = [data.path(i) for i in rows]
+        _, broken = read_image_sizes(paths, decode=True, progress=len(rows) >= 2000)
+        if broken:
+            items = [f"{data.paths[rows[k]]}: {reason}" for k, reason in sorted(broken.items())]
+            rank_zero_warn(f"{data.source}: {len(items)} held-out image(s) cannot be decoded and are left out of the "
+                           f"{BENCHMARK_NAME} benchmark (and out of training): {items[:5]}")
+            rows = np.delete(rows, sorted(broken))
+            paths = [path for k, path in enumerate(paths) if k not in broken]
         is_query = np.ones(len(rows), bool) if data.is_query is None else data.is_query[rows]
         is_gallery = np.ones(len(rows), bool) if data.is_gallery is None else data.is_gallery[rows]
         if not is_query.any() or not is_gallery.any():
             raise LabelledDataError(f"{data.source}: the validation rows mark {int(is_query.sum())} queries and "
                                     f"{int(is_gallery.sum())} gallery images; a benchmark needs both")
-        paths = [data.path(i) for i in rows]
         sizes = data.sizes[rows]
         boxes = [pixel_box(data.boxes[i]) if data.boxes is not None else None for i in rows]
 

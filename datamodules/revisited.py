@@ -119,21 +119,27 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def read_image_sizes(
-    paths: Sequence[str | os.PathLike], *, threads: int | None = None, progress: bool = False
+    paths: Sequence[str | os.PathLike], *, threads: int | None = None, progress: bool = False, decode: bool = False
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Header sizes of many images: ``(sizes (n, 2) int64 with -1 rows for failures,
-    {position: reason})``. Headers are read in a thread pool (hides file-system latency)."""
+    """Sizes of many images: ``(sizes (n, 2) int64 (H, W) with -1 rows for failures,
+    {position: reason})``, read in a thread pool (hides file-system latency).
+
+    ``decode=False`` reads headers only (:func:`read_image_size`); ``decode=True`` decodes every
+    image whole with :func:`~sg_train.image_io.read_image`, which also catches a file cut short or
+    damaged after an intact header (slower: use it for the images evaluated every epoch).
+    """
     sizes = np.full((len(paths), 2), -1, dtype=np.int64)
     errors: dict[int, str] = {}
 
     def one(i: int) -> None:
         try:
-            sizes[i] = read_image_size(paths[i])
+            sizes[i] = read_image(paths[i]).shape[:2] if decode else read_image_size(paths[i])
         except ImageReadError as e:
             errors[i] = e.reason
 
     workers = threads or min(8, 4 * (os.cpu_count() or 1))
-    with progress_bar(total=len(paths), desc="image headers", unit="img", enabled=progress, leave=False) as bar:
+    desc = "decoding images" if decode else "image headers"
+    with progress_bar(total=len(paths), desc=desc, unit="img", enabled=progress, leave=False) as bar:
         if len(paths) < 64 or workers <= 1:
             for i in range(len(paths)):
                 one(i)

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import yaml
 
 from child_env import child_env
 from callbacks.retrieval_eval import RetrievalEvalCallback
 from datamodules.gldv2 import GLDv2DataModule
+from datamodules.labelled import LabelledImagesDataModule
 from sg_train.module import LandmarkRetrievalModule
 from sg_train.synthetic.class_folders import generate_class_folders
 
@@ -113,3 +115,30 @@ def test_ddp_held_out_photos_give_the_single_process_numbers_exactly(tmp_path):
     assert {"retrieval/held_out/mAP@5", "retrieval/held_out/rerank_MAP@R"} <= set(metrics)
     (split_file,) = (photos / ".sg-train").glob("held_out_*.json")
     assert len(json.loads(split_file.read_text())["held_out"]) == 15  # 3 of each class of 7
+
+def test_a_held_out_photo_cut_short_is_left_out_of_the_benchmark_not_the_run(tmp_path):
+    """A photo whose header reads but whose data is cut short passes the data check; held out, it
+    is decoded whole when the benchmark is built, named in a warning and left out (the split and
+    the resume check stay as they were), instead of stopping the evaluation."""
+    photos = tmp_path / "My Photos"
+    generate_class_folders(photos, landmarks=4, views=6, image_size=64, progress=False)
+
+    def datamodule() -> LabelledImagesDataModule:
+        return LabelledImagesDataModule(images=str(photos), val_fraction=0.4, image_size=64, batch_size=4,
+                                        num_workers=0)
+
+    before = datamodule()
+    digest, held = before.held_out_digest(), int(before.held_out.sum())
+    victim = Path(before.data.path(int(np.flatnonzero(before.held_out)[0])))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+    data = datamodule()
+    callback = RetrievalEvalCallback(held_out=True, ks=[1, 5], M=4, K=2, batch_size=4, num_workers=0, progress=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path / "run",
+                         enable_progress_bar=False)
+    with pytest.warns(UserWarning, match=rf"1 held-out image\(s\) cannot be decoded .*{victim.name}"):
+        trainer.validate(tiny_module(data.num_classes), data)
+    assert len(callback._datasets["held_out"][0]) == held - 1
+    assert 0.0 <= float(trainer.callback_metrics["retrieval/held_out/MAP@R"]) <= 1.0
+    assert data.held_out_digest() == digest  # a resume is not refused for it
+    assert victim.name not in {Path(p).name for p in np.array(data.data.paths)[~data.held_out]}  # nor trained on

@@ -213,7 +213,8 @@ def test_failed_evaluation_during_fit_saves_the_trained_weights_first(tmp_path, 
     config = demo_config(tmp_path, data, retrieval={"evaluate_before_training": False})
     cli = train.main(["--config", str(config), "--trainer.limit_train_batches=2", "--trainer.num_sanity_val_steps=0"], run=False)
     cli.trainer.callbacks.insert(0, _BreakBenchmarkAfterSetup(image))
-    with pytest.raises(RetrievalEvaluationError, match=r"epoch 0.*last\.ckpt.*--ckpt_path"):
+    with pytest.raises(RetrievalEvaluationError,
+                       match=r"epoch 0.*last\.ckpt; fix the benchmarks under .*revisited and continue with --ckpt_path"):
         cli.trainer.fit(cli.model, cli.datamodule)
     saved = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 2
