@@ -7,11 +7,14 @@ options, ...). It subclasses ``ValueError``, so ``except ValueError`` keeps catc
 
 Command-line entry points print one line for an error :func:`is_user_error` accepts and let
 anything else raise with its traceback: a bug must not look like bad input. This module imports
-nothing, so every layer of the house (the pure retrieval core included) can use it.
+only the standard library, so every layer of the house (the pure retrieval core included) can use it.
 """
 from __future__ import annotations
 
-__all__ = ["OptionError", "UserInputError", "USER_ERRORS", "is_user_error", "one_line", "user_error_line"]
+import re
+
+__all__ = ["OptionError", "UserInputError", "USER_ERRORS", "is_user_error", "one_line", "reported_error",
+           "user_error_line"]
 
 
 class UserInputError(ValueError):
@@ -47,15 +50,33 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    """``exc``'s message with every run of whitespace (newlines included) made one space; the
+    """``exc``'s message on one line: each line break, with the indentation around it, made one space
+    (other spaces are kept: a path such as ``"Tour Eiffel  at night"`` is printed as it is); the
     exception's class name when the message is empty."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return re.sub(r"\s*\n\s*", " ", str(exc)).strip() or type(exc).__name__
+
+
+#: Top-level packages and scripts of this house: an error class defined there words its own message.
+HOUSE_MODULES = frozenset({"sg_train", "callbacks", "datamodules", "train", "evaluate", "__main__"})
+
+
+def reported_error(exc: BaseException) -> BaseException:
+    """The error of ``exc``'s ``__cause__`` chain whose message the user reads: the outermost one that
+    is bad input (:data:`USER_ERRORS`) or defined in this house (a wrapper such as
+    ``RetrievalEvaluationError`` adds the resume command). A library's wrapper is passed over: e.g.
+    jsonargparse's "Does not validate against any of the Union subtypes ... Given value:
+    Namespace(<every option>)" around the :class:`OptionError` a constructor raised."""
+    current = exc
+    while (current.__cause__ is not None and not isinstance(current, USER_ERRORS)
+           and type(current).__module__.partition(".")[0] not in HOUSE_MODULES):
+        current = current.__cause__
+    return current
 
 
 def user_error_line(exc: BaseException) -> str:
-    """For a command line's ``except Exception as exc``: :func:`one_line` of ``exc`` when it is bad
-    input (:func:`is_user_error`); anything else is re-raised, so a bug keeps its traceback and never
-    looks like bad input."""
+    """For a command line's ``except Exception as exc``: :func:`one_line` of :func:`reported_error`
+    when ``exc`` is bad input (:func:`is_user_error`); anything else is re-raised, so a bug keeps its
+    traceback and never looks like bad input."""
     if not is_user_error(exc):
         raise exc
-    return one_line(exc)
+    return one_line(reported_error(exc))

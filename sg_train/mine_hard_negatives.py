@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from sg_train.errors import UserInputError, user_error_line
+from sg_train.errors import UserInputError, reported_error, user_error_line
 from sg_train.files import atomic_write
 from sg_train.hard_negatives import (
     CHUNKS,
@@ -158,7 +158,7 @@ def load_training_data(config: str | os.PathLike) -> Any:
                               subclass_mode_data=True, auto_configure_optimizers=False, args=options,
                               run=False, parser_kwargs={"exit_on_error": False})
     except ArgumentError as e:
-        raise MiningError(f"--config {config} is not a configuration train.py accepts: {e}") from None
+        raise MiningError(f"--config {config} is not a configuration train.py accepts: {reported_error(e)}") from None
     return cli.datamodule
 
 

@@ -13,10 +13,11 @@ import yaml
 
 import train
 from callbacks.finite_loss import NonFiniteLossError
+from callbacks.retrieval_eval import RetrievalEvaluationError
 from callbacks.skipped_images import SkippedImagesReport, TooManySkippedImagesError
 from datamodules.gldv2_index import GLDv2CSVError, SplitFileError
 from sg_train.backbone import create_backbone
-from sg_train.errors import OptionError, UserInputError, is_user_error, one_line
+from sg_train.errors import OptionError, UserInputError, is_user_error, one_line, reported_error, user_error_line
 from sg_train.losses import build_loss
 from sg_train.model import EmbeddingModel, ModelConfigError
 from sg_train.optim import resolve_warmup_steps
@@ -89,6 +90,25 @@ def test_is_user_error_follows_explicit_causes_only():
     except RuntimeError as bug:
         assert not is_user_error(bug)
     assert one_line(GroundTruthError("two\n  lines")) == "two lines" and one_line(KeyError()) == "KeyError"
+
+
+def test_the_line_keeps_a_paths_spaces_and_reads_through_a_librarys_wrapper():
+    path = "/photos/  Tour Eiffel  at night /IMG 1.jpg"
+    assert one_line(UserInputError(f"cannot read image '{path}':\n    truncated")) == (
+        f"cannot read image '{path}': truncated")
+    option = OptionError("give data.images or data.csv, not both")
+    try:
+        try:
+            raise option
+        except OptionError as exc:  # as jsonargparse wraps a constructor's error in subclass mode
+            raise ValueError("Does not validate against any of the Union subtypes ... Given value: "
+                             "Namespace(class_path=..., init_args=Namespace(...))") from exc
+    except ValueError as wrapped:
+        assert reported_error(wrapped) is option
+        assert user_error_line(wrapped) == "give data.images or data.csv, not both"
+    house_wrapper = RetrievalEvaluationError("retrieval evaluation failed at epoch 0 ...; continue with --ckpt_path x")
+    house_wrapper.__cause__ = GroundTruthError("bad gnd")
+    assert reported_error(house_wrapper) is house_wrapper  # the house's wrapper says how to go on
 
 
 def test_run_command_line_reports_bad_input_in_one_line_and_re_raises_the_rest(monkeypatch, capsys):
