@@ -16,12 +16,17 @@ Two inputs (docs/design.md §5):
   (``train``/``validation``), ``is_query``, ``is_gallery`` (0/1, on validation rows),
   ``x_1,y_1,x_2,y_2`` (a box in pixels, x2/y2 exclusive; ``x1,y1,x2,y2`` is read the same) and
   ``category`` (read, unused). Paths are relative to ``image_root`` (default: the CSV's folder)
-  or absolute. Labels may be any text or integers; class names are their text.
+  or absolute, ``/``-separated; one image file listed twice, however it is spelled (relative and
+  absolute, ``./``, ``..``, through a symlink), is refused. Labels may be any text or integers;
+  class names are their text, except that a label column written entirely as whole numbers with a
+  ``.0`` (``12.0``: pandas writes integer ids so when the column had an empty cell) is read as
+  integers (class ``12``).
 
-Class names are sorted (numerically when every label is an integer) and the class index of an
-image is the position of its name: the same data always gives the same classes. Names that
-differ only in Unicode normal form or letter case are refused (on many file systems they are the
-same folder, and in a CSV they are almost always a typing slip).
+Class names are sorted: integers (ASCII digits with an optional sign) first, in numeric order,
+then the other names as text; the class index of an image is the position of its name, so the
+same data always gives the same classes. Names that differ only in Unicode normal form or letter
+case are refused (on many file systems they are the same folder, and in a CSV they are almost
+always a typing slip), and so are spellings of one integer (``1``, ``01``, ``+1``, ``1.0``).
 
 Held-out split (when the data does not give one): per class of ``n`` images, ``0`` are held out
 for ``n = 1``, ``1`` for ``n`` of 2 or 3, and ``min(n // 2, max(2, round(n * fraction)))`` for
@@ -35,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +75,8 @@ _BOX_ALIASES = {"x1": "x_1", "y1": "y_1", "x2": "x_2", "y2": "y_2"}
 _BOX = ("x_1", "y_1", "x_2", "y_2")
 SPLITS = ("train", "validation")
 _TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_WHOLE_FLOAT = re.compile(r"([+-]?[0-9]+)\.0+")
 
 
 class LabelledDataError(UserInputError):
@@ -132,8 +140,10 @@ def _nfc(name: str) -> str:
 
 
 def _check_name_collisions(names: Sequence[str], source: str, what: str) -> None:
-    """Refuse names that are the same after NFC normalisation and case folding."""
+    """Refuse names that are the same after NFC normalisation and case folding, or that spell the
+    same integer (``1``, ``01``, ``+1``, ``1.0``)."""
     seen: dict[str, str] = {}
+    numbers: dict[int, str] = {}
     for name in names:
         key = _nfc(name).casefold()
         if key in seen and seen[key] != name:
@@ -142,18 +152,33 @@ def _check_name_collisions(names: Sequence[str], source: str, what: str) -> None
                 f"case folding; rename or merge one of them"
             )
         seen.setdefault(key, name)
+        number = _integer_value(name)
+        if number is not None and numbers.setdefault(number, name) != name:
+            raise LabelledDataError(
+                f"{source}: {what} {numbers[number]!r} and {name!r} are the same number {number}; merge them under one "
+                f"spelling (e.g. '{number}') or rename one of them"
+            )
+
+
+def _integer_value(name: str) -> int | None:
+    """The integer ``name`` spells (``1``, ``01``, ``+1``, ``1.0``), or None."""
+    match = _WHOLE_FLOAT.fullmatch(name)
+    digits = match.group(1) if match else name
+    return int(digits) if _is_int(digits) else None
 
 
 def _sort_key(name: str) -> tuple:
-    return (0, int(name), "") if _is_int(name) else (1, 0, name)
+    """Integers first, by value, then text; ties broken by the name itself (a total order)."""
+    return (0, int(name), name) if _is_int(name) else (1, 0, name)
 
 
 def _is_int(text: str) -> bool:
-    return text.strip().lstrip("+-").isdigit()
+    return _INTEGER.fullmatch(text) is not None
 
 
 def _class_order(names: Sequence[str]) -> list[str]:
-    """Sorted class names: numerically when every one is an integer, else as text."""
+    """Sorted class names: integers first, in numeric order, then the others as text (see the module
+    docstring); the same names give the same order whatever order they come in."""
     return sorted(set(names), key=_sort_key)
 
 
@@ -286,19 +311,68 @@ def _boxes(frame: pd.DataFrame, csv: str) -> np.ndarray:
     return numbers
 
 
+def _check_separator(csv: str) -> None:
+    """Refuse a header line separated by ``;`` or tabs (a spreadsheet's regional "CSV", a TSV)."""
+    with open(csv, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline().rstrip("\r\n")
+    if "," in header:
+        return
+    for separator, name in ((";", "';'"), ("\t", "tabs")):
+        if separator in header:
+            raise LabelledDataError(f"{csv}: the header {header!r} is separated by {name}, not by commas; save the "
+                                    "file comma-separated (path,label,...)")
+
+
+def _check_duplicates(csv: str, root: str, paths: Sequence[str]) -> None:
+    """Refuse one image file listed twice, however spelled (relative/absolute, ``./``, symlinks)."""
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        rows.setdefault(_nfc(os.path.normcase(os.path.realpath(os.path.join(root, p)))), []).append(i)
+    for file, lines in rows.items():
+        if len(lines) > 1:
+            shown = ", ".join(f"line {i + 2} {paths[i]!r}" for i in lines[:5])
+            raise LabelledDataError(f"{csv}: the same image is listed more than once: {shown}"
+                                    f"{' ...' if len(lines) > 5 else ''} "
+                                    f"({'both' if len(lines) == 2 else f'all {len(lines)}'} are {file!r}); "
+                                    "keep one row per image")
+
+
+def _check_files(csv: str, root: str, paths: Sequence[str]) -> None:
+    """Refuse paths that are folders or do not exist, listing the first five."""
+    def listed(rows: list[tuple[int, str]]) -> str:
+        shown = ", ".join(f"line {i + 2} {os.path.join(root, p)!r}" for i, p in rows[:5])
+        return f"{shown}{' ...' if len(rows) > 5 else ''}"
+
+    absent = [(i, p) for i, p in enumerate(paths) if not os.path.isfile(os.path.join(root, p))]
+    folders = [(i, p) for i, p in absent if os.path.isdir(os.path.join(root, p))]
+    if folders:
+        raise LabelledDataError(f"{csv}: {len(folders)} of {len(paths)} paths are folders, not image files: "
+                                f"{listed(folders)}; list each image file on its own row")
+    if absent:
+        slashed = next((p.replace("\\", "/") for _, p in absent
+                        if "\\" in p and os.path.isfile(os.path.join(root, p.replace("\\", "/")))), None)
+        hint = (f"these paths are written with \\, which is not a folder separator here: write them with / "
+                f"(e.g. {slashed!r})" if slashed else
+                f"relative paths start from data.image_root ({root!r}; default: the CSV's folder)")
+        raise LabelledDataError(f"{csv}: {len(absent)} of {len(paths)} images do not exist: {listed(absent)}; {hint}")
+
+
 def read_labelled_csv(csv: str | os.PathLike, image_root: str | os.PathLike | None = None) -> LabelledImages:
     """Read an OML-style CSV (see the module docstring).
 
     Raises FileNotFoundError for a missing CSV, :class:`LabelledDataError` naming the line or
-    column for: missing ``path``/``label`` columns, unknown columns, empty cells, duplicate
-    paths, paths that do not exist (all of them are checked), ``split`` values other than
-    ``train``/``validation``, ``is_query`` without ``is_gallery`` (or the reverse), bad boxes,
-    a single class, and labels that collide after normalisation.
+    column for: a header separated by ``;`` or tabs instead of commas, missing ``path``/``label``
+    columns, unknown columns, empty cells, one image file listed twice (however spelled), paths
+    that are folders or do not exist (all of them are checked; paths written with ``\\`` get a
+    hint), ``split`` values other than ``train``/``validation``, ``is_query`` without
+    ``is_gallery`` (or the reverse), bad boxes, a single class, and labels that collide after
+    normalisation or spell the same integer.
     """
     csv = os.fspath(csv)
     if not os.path.isfile(csv):
         raise FileNotFoundError(f"labelled CSV not found: {csv!r}")
     root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(csv))
+    _check_separator(csv)
     try:
         frame = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
@@ -325,18 +399,10 @@ def read_labelled_csv(csv: str | os.PathLike, image_root: str | os.PathLike | No
     paths = [p.strip() for p in frame["path"]]
     labels = [_nfc(v.strip()) for v in frame["label"]]
     _check_name_collisions(labels, csv, "labels")
-    normalised = pd.Series([os.path.normpath(_nfc(p)) for p in paths])
-    duplicated = normalised.duplicated(keep=False).to_numpy()
-    if duplicated.any():
-        rows = np.flatnonzero(duplicated)[:4]
-        raise LabelledDataError(f"{csv}: the same image is listed more than once: "
-                                + ", ".join(f"line {r + 2} {paths[r]!r}" for r in rows) + "; keep one row per image")
-    absent = [(i, p) for i, p in enumerate(paths) if not os.path.isfile(os.path.join(root, p))]
-    if absent:
-        shown = ", ".join(f"line {i + 2} {os.path.join(root, p)!r}" for i, p in absent[:5])
-        raise LabelledDataError(f"{csv}: {len(absent)} of {len(paths)} images do not exist: {shown}"
-                                f"{' ...' if len(absent) > 5 else ''}; relative paths start from data.image_root "
-                                f"({root!r}; default: the CSV's folder)")
+    if all(_WHOLE_FLOAT.fullmatch(v) for v in labels):
+        labels = [_WHOLE_FLOAT.fullmatch(v).group(1) for v in labels]
+    _check_duplicates(csv, root, paths)
+    _check_files(csv, root, paths)
     columns: dict[str, np.ndarray | None] = {"split": None, "is_query": None, "is_gallery": None, "boxes": None}
     if "split" in frame.columns:
         split = frame["split"].str.strip().str.lower()

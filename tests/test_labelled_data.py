@@ -13,6 +13,8 @@ from datamodules.image_dataset import ImageDataset
 from datamodules.labelled import LabelledImagesDataModule
 from datamodules.labelled_index import (
     LabelledDataError,
+    _class_order,
+    _sort_key,
     held_out_count,
     held_out_mask,
     read_class_folders,
@@ -158,14 +160,58 @@ def test_oml_csv_with_split_roles_and_boxes(tmp_path):
     ("path,label,split,is_query", ["a.jpg,1,train"], "is_query and is_gallery go together"),
     ("path,label,x_1,y_1,x_2,y_2", ["a.jpg,1,5,5,2,9", "b.jpg,2,,,,"], r"line 2: box \[5.0, 5.0, 2.0, 9.0\]"),
     ("path,label", ["a.jpg,", "b.jpg,2"], "line 2: empty label"),
+    ("path,label", ["a.jpg,1", "b.jpg,01"], r"'1' and '01' are the same number 1; merge them under one spelling "
+                                            r"\(e.g. '1'\)"),
+    ("path,label", ["a.jpg,+1", "b.jpg,1"], "'\\+1' and '1' are the same number 1"),
+    ("path,label", ["a.jpg,1", "b.jpg,1.0"], "'1' and '1.0' are the same number 1"),
+    ("path,label", ["sub\\a.jpg,1", "b.jpg,2"], r"1 of 2 images do not exist: line 2 .*; these paths are "
+                                                 r"written with \\, which is not a folder separator here: write "
+                                                 r"them with / \(e.g. 'sub/a.jpg'\)$"),
+    ("path,label", ["a.jpg,1", "sub,2"], r"1 of 2 paths are folders, not image files: line 3 '.*/sub'; list each "
+                                         r"image file on its own row"),
+    ("path;label", ["a.jpg;1"], "header 'path;label' is separated by ';', not by commas; save the file "
+                                "comma-separated"),
+    ("path\tlabel", ["a.jpg\t1", "b.jpg,x\t2"], r"header 'path\\tlabel' is separated by tabs, not by commas"),
 ])
 def test_csv_mistakes_name_the_line_or_column(tmp_path, header, rows, message):
     photo(tmp_path / "a.jpg")
     photo(tmp_path / "b.jpg", seed=1)
+    photo(tmp_path / "sub" / "a.jpg", seed=2)
     csv = write_csv(tmp_path / "data.csv", header, rows)
     with pytest.raises(LabelledDataError, match=message) as caught:
         read_labelled_csv(csv)
     assert is_user_error(caught.value)
+
+
+def test_the_same_image_by_another_path_is_listed_once(tmp_path):
+    photo(tmp_path / "photos" / "a.jpg")
+    photo(tmp_path / "photos" / "b.jpg", seed=1)
+    (tmp_path / "imgs").symlink_to(tmp_path / "photos")
+    absolute = tmp_path / "imgs" / "a.jpg"
+    csv = write_csv(tmp_path / "data.csv", "path,label", ["imgs/a.jpg,1", "imgs/b.jpg,2", f"{absolute},2"])
+    with pytest.raises(LabelledDataError, match=f"listed more than once: line 2 'imgs/a.jpg', line 4 '{absolute}' "
+                                                f"\\(both are '{tmp_path}/photos/a.jpg'\\)"):
+        read_labelled_csv(csv)
+    write_csv(csv, "path,label", ["imgs/a.jpg,1", "imgs/b.jpg,2", "photos/a.jpg,2"])  # through the symlink
+    with pytest.raises(LabelledDataError, match="line 2 'imgs/a.jpg', line 4 'photos/a.jpg'"):
+        read_labelled_csv(csv)
+
+
+def test_integer_labels_written_as_floats_are_integers(tmp_path):
+    for k in range(3):
+        photo(tmp_path / f"{k}.jpg", seed=k)
+    csv = write_csv(tmp_path / "data.csv", "path,label", ["0.jpg,12.0", "1.jpg,7.0", "2.jpg,7.0"])  # pandas with NaN
+    assert read_labelled_csv(csv).class_names == ["7", "12"]
+    write_csv(csv, "path,label", ["0.jpg,12.0", "1.jpg,7.0", "2.jpg,+12.0"])
+    with pytest.raises(LabelledDataError, match=r"labels '12.0' and '\+12.0' are the same number 12"):
+        read_labelled_csv(csv)
+
+
+def test_class_order_does_not_depend_on_the_order_names_come_in():
+    names = ["1", "01", "+1", "-1", "10", "Paris", "paris", "2"]
+    assert len({_sort_key(n) for n in names}) == len(names)  # a total order: no ties left to set iteration
+    assert _class_order(names) == _class_order(names[::-1]) == ["-1", "+1", "01", "1", "2", "10", "Paris", "paris"]
+    assert _class_order(["2", "+-1", "²"]) == ["2", "+-1", "²"]  # look like numbers, are text
 
 
 def test_options_that_cannot_work_are_refused_at_construction(tmp_path):
