@@ -182,6 +182,21 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
         if self.val_dataset is None and stage in (None, "fit", "validate") and held_out.any():
             self.val_dataset = self._dataset(np.flatnonzero(held_out), self.build_eval_transform())
 
+    def decodable(self, rows: np.ndarray, left_out_of: str) -> np.ndarray:
+        """``rows`` (int indices into :attr:`data`) without the images that cannot be decoded whole.
+
+        The data check read headers only; an image evaluated every epoch is decoded once here, so one
+        cut short or damaged after its header is left out (a warning names it and ``left_out_of``)
+        instead of stopping an evaluation. Progress bar from 2000 images.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        _, broken = read_image_sizes([self.data.path(i) for i in rows], decode=True, progress=len(rows) >= 2000)
+        if broken:
+            items = [f"{self.data.paths[rows[k]]}: {reason}" for k, reason in sorted(broken.items())]
+            rank_zero_warn(f"{self.data.source}: {len(items)} image(s) cannot be decoded and are left out of "
+                           f"{left_out_of}: {items[:5]}")
+        return np.delete(rows, sorted(broken))
+
     def retrieval_benchmark(self, *, mean, std, input_format: str, protocol) -> LabelledBenchmark | None:
         """The held-out images as a query/gallery benchmark, prepared as ``protocol`` and the model say.
 
@@ -197,14 +212,8 @@ class LabelledImagesDataModule(ImageClassificationDataModule):
         rows = np.flatnonzero(self.held_out)
         if not len(rows):
             return None
+        rows = self.decodable(rows, f"the {BENCHMARK_NAME} benchmark (and out of training)")
         paths = [data.path(i) for i in rows]
-        _, broken = read_image_sizes(paths, decode=True, progress=len(rows) >= 2000)
-        if broken:
-            items = [f"{data.paths[rows[k]]}: {reason}" for k, reason in sorted(broken.items())]
-            rank_zero_warn(f"{data.source}: {len(items)} held-out image(s) cannot be decoded and are left out of the "
-                           f"{BENCHMARK_NAME} benchmark (and out of training): {items[:5]}")
-            rows = np.delete(rows, sorted(broken))
-            paths = [path for k, path in enumerate(paths) if k not in broken]
         is_query = np.ones(len(rows), bool) if data.is_query is None else data.is_query[rows]
         is_gallery = np.ones(len(rows), bool) if data.is_gallery is None else data.is_gallery[rows]
         if not is_query.any() or not is_gallery.any():

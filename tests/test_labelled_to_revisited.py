@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from datamodules.labelled import LabelledImagesDataModule
 from datamodules.labelled_to_revisited import main
 from datamodules.revisited import RevisitedDataset
 from sg_train.retrieval import load_gnd
@@ -50,3 +52,27 @@ def test_nothing_to_query_is_an_error(tmp_path, capsys):
     assert "no query has another image of its class" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--images", str(photos), "--out", str(tmp_path / "rev")])
+
+
+def test_a_runs_checkpoint_gives_its_split_and_other_photos_are_refused(tmp_path, capsys):
+    """--checkpoint takes the run's held-out split (here 0.4, not the default 0.2) and refuses photos
+    other than the ones that run held out; the help text is the whole first paragraph."""
+    photos = folder(tmp_path / "My Photos", {"Café de Flore": 10, "Big Ben": 10})
+    run = LabelledImagesDataModule(images=str(photos), val_fraction=0.4, seed=3)
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"datamodule_hyper_parameters": dict(run.hparams), type(run).__qualname__: run.state_dict()}, checkpoint)
+    out = ["--images", str(photos), "--out", str(tmp_path / "rev")]
+    assert main([*out, "--name", "run", "--checkpoint", str(checkpoint)]) == 0
+    assert len(load_gnd(tmp_path / "rev" / "run" / "gnd_run.pkl")["imlist"]) == int(run.held_out.sum()) == 8
+    assert "the held-out photos of " + run.split_file in capsys.readouterr().out
+    assert main([*out, "--name", "x", "--checkpoint", str(checkpoint), "--val-fraction", "0.2"]) == 2
+    assert "--checkpoint sets the held-out split; leave out --val-fraction" in capsys.readouterr().err
+    Path(run.data.path(int(run.held_out.nonzero()[0][0]))).unlink()  # a held-out photo removed since: a photo
+    assert main([*out, "--name", "y", "--checkpoint", str(checkpoint)]) == 2
+    assert "the held-out photos differ from the checkpoint's" in capsys.readouterr().err  # the run trained on
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    assert main([*out, "--name", "z", "--checkpoint", str(tmp_path / "other.ckpt")]) == 2
+    assert "is not of a run on labelled photos" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "R1M distractors) can score a model on them." in " ".join(capsys.readouterr().out.split())
