@@ -15,6 +15,7 @@ mismatch.
 """
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,16 @@ def transfer_class_weights(
     """Carry the margin loss's state over from ``source`` (a checkpoint's ``loss_fn.*`` tensors).
 
     ``source_keys``/``target_keys`` identify each class in class order under ``by``: class
-    names (``"name"``) or GLDv2 landmark ids (``"landmark_id"``); ``by="none"`` transfers nothing.
-    The same classes in the same order: the whole state is loaded (also learnt margins and
-    statistics). Other classes: the rows of ``weight`` of classes present in both runs are copied,
-    the others keep their fresh initialisation (sub-centre weights are never copied row-wise).
-    Without keys on either side nothing is copied. Nothing is ever matched by position.
+    names (``"name"``; compared in Unicode NFC and case-folded, as the data check compares them) or
+    GLDv2 landmark ids (``"landmark_id"``); ``by="none"`` transfers nothing. The same classes in
+    the same order: the whole state is loaded (also learnt margins and statistics). Other classes:
+    the rows of ``weight`` of classes present in both runs are copied, the others keep their fresh
+    initialisation (sub-centre weights are never copied row-wise). Without names on either side
+    nothing is copied (the account says so). Nothing is ever matched by position.
 
-    Returns ``{"account": one line, "copied": [class], "new": [class]}`` (classes as their keys).
+    Returns ``{"account": one line, "copied": [class], "new": [class]}`` (classes as this run
+    writes them). Raises :class:`OptionError` for an unknown ``by``, and for ``by="landmark_id"``
+    when either side has no landmark ids (it would copy nothing).
     """
     if by not in CLASS_TRANSFERS:
         raise OptionError(f"class_transfer must be one of {CLASS_TRANSFERS}, got {by!r}")
@@ -108,11 +112,17 @@ def transfer_class_weights(
     what = "class names" if by == "name" else "landmark ids"
     if source_keys is None or target_keys is None:
         side = "the checkpoint has" if source_keys is None else "this run's data has"
-        hint = " (GLDv2 runs have landmark ids: model.class_transfer=landmark_id copies by those)" if by == "name" else ""
+        if by == "landmark_id":  # asked for explicitly: it would copy nothing
+            raise OptionError(f"model.class_transfer=landmark_id, but {side} no GLDv2 landmark ids (class folders "
+                              "and CSVs have class names): use model.class_transfer=name, or none")
+        hint = " (GLDv2 runs have landmark ids: model.class_transfer=landmark_id copies by those)"
         return {**result, "account": f"class weights: initialised fresh; {side} no {what} to match classes by{hint}"}
+    # names match in Unicode NFC and case-folded, as the data check compares them (it refuses two
+    # classes that differ only so): 'Hôtel de Ville' (decomposed) is 'hôtel de ville'
+    match = (lambda key: unicodedata.normalize("NFC", str(key)).casefold()) if by == "name" else (lambda key: key)
     own = loss_fn.state_dict()
     same_shapes = set(own) == set(source) and all(own[k].shape == source[k].shape for k in own)
-    if same_shapes and list(source_keys) == list(target_keys):
+    if same_shapes and [match(k) for k in source_keys] == [match(k) for k in target_keys]:
         loss_fn.load_state_dict(source)
         return {"copied": list(target_keys), "new": [],
                 "account": f"class weights: all {len(target_keys)} classes loaded (the same {what})"}
@@ -122,14 +132,14 @@ def transfer_class_weights(
             or source_weight.shape != (len(source_keys), weight.shape[1]):
         return {**result, "account": "class weights: initialised fresh (sub-centre or differently sized weights "
                                      "cannot be matched row by row)"}
-    source_row = {key: row for row, key in enumerate(source_keys)}
-    pairs = [(row, source_row[key]) for row, key in enumerate(target_keys) if key in source_row]
+    source_row = {match(key): row for row, key in enumerate(source_keys)}
+    pairs = [(row, source_row[match(key)]) for row, key in enumerate(target_keys) if match(key) in source_row]
     if pairs:
         rows, src_rows = (torch.tensor(x) for x in zip(*pairs))
         with torch.no_grad():
             loss_fn.weight[rows] = source_weight[src_rows].to(loss_fn.weight)
     copied = [target_keys[row] for row, _ in pairs]
-    new = [key for key in target_keys if key not in source_row]
+    new = [key for key in target_keys if match(key) not in source_row]
     account = f"class weights: {len(copied)} of {len(target_keys)} classes copied by {what}"
     if copied:
         account += f" ({_listed([str(k) for k in copied])})"

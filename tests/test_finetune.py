@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sg_train.cvnet import CVNET_MEAN_BGR, CVNET_STD_BGR, expected_pycls_keys, pycls_to_timm_key
+from sg_train.errors import OptionError
 from sg_train.finetune import load_finetune_weights, transfer_class_weights
 from sg_train.module import LandmarkRetrievalModule
 from sg_train.weights_io import WeightsFileError, check_exact_fit, write_checkpoint_record
@@ -79,12 +80,24 @@ def test_check_exact_fit_lists_missing_and_unexpected():
         check_exact_fit(model, state, "test")
 
 
-def test_class_weights_without_ids_are_initialised_fresh():
+def test_class_weights_without_names_are_initialised_fresh_and_landmark_ids_asked_for_must_exist():
     loss = make(3).loss_fn
     before = loss.weight.detach().clone()
-    account = transfer_class_weights(loss, {"weight": torch.zeros(5, 16)}, None, [1, 2, 3], by="landmark_id")["account"]
-    assert "initialised fresh; the checkpoint has no landmark ids" in account
+    account = transfer_class_weights(loss, {"weight": torch.zeros(5, 16)}, None, ["a", "b", "c"], by="name")["account"]
+    assert "initialised fresh; the checkpoint has no class names" in account
     assert torch.equal(loss.weight.detach(), before)
+    for source, target, side in (([1, 2, 3, 4, 5], None, "this run's data has"), (None, [1, 2, 3], "the checkpoint has")):
+        with pytest.raises(OptionError, match=f"class_transfer=landmark_id, but {side} no GLDv2 landmark ids.*=name"):
+            transfer_class_weights(loss, {"weight": torch.zeros(5, 16)}, source, target, by="landmark_id")
+
+
+def test_class_names_match_as_the_data_check_compares_them():
+    loss = make(3).loss_fn
+    source = torch.randn(2, 16)
+    result = transfer_class_weights(loss, {"weight": source}, ["Ho\u0302tel de Ville", "Big Ben"],
+                                    ["big ben", "hôtel de ville", "Louvre"], by="name")
+    assert result["copied"] == ["big ben", "hôtel de ville"] and result["new"] == ["Louvre"]
+    assert torch.equal(loss.weight.detach()[0], source[1]) and torch.equal(loss.weight.detach()[1], source[0])
 
 
 def test_class_weights_follow_the_class_names_not_the_positions(tmp_path):
