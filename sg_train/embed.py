@@ -66,7 +66,7 @@ PLAN, PLANNED = "plan.json", "planned.txt"
 OUTPUTS = (RECORD, DESCRIPTORS, FILES, SKIPPED, CHUNKS)
 
 class EmbedOutputError(UserInputError):
-    """An output folder that is finished, belongs to another embedding, or is not one at all."""
+    """An output folder that is finished, belongs to another embedding, or is not one at all (a file)."""
 
 
 # ---------------------------------------------------------------------------- the file list
@@ -145,6 +145,27 @@ def _read_lines(path: Path) -> list[str]:
     return text.split("\n")[:-1] if text else []
 
 
+# ---------------------------------------------------------------------------- the output folder
+def _why_not_a_folder(path: Path) -> str | None:
+    """Why ``path`` cannot be a folder, to follow its name ("is a file, not a folder", "is inside
+    X, which is a file, not a folder"), or None when it is one or can be made one."""
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return None
+        if os.path.lexists(candidate):
+            what = f"{'a file, ' if candidate.is_file() else ''}not a folder"
+            return f"is {what}" if candidate == path else f"is inside {candidate}, which is {what}"
+    return None
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """EmbedOutputError if ``out_dir`` is a file or lies inside one (it could not be made a folder)."""
+    why = _why_not_a_folder(out_dir)
+    if why is not None:
+        raise EmbedOutputError(f"--out {out_dir} {why}; choose another --out (a folder, created if missing); "
+                               "nothing was written")
+
+
 # ---------------------------------------------------------------------------- a finished output
 @dataclass(frozen=True)
 class Embeddings:
@@ -167,9 +188,14 @@ class Embeddings:
     @classmethod
     def open(cls, out_dir: str | os.PathLike) -> Embeddings:
         """Read a finished folder; :class:`EmbedOutputError` naming the file at fault if it is
-        unfinished, damaged or not an ``sg_train.embed`` output."""
+        unfinished, damaged or not an ``sg_train.embed`` output (a file, or a path inside one),
+        FileNotFoundError if there is nothing at ``out_dir``."""
         out_dir = Path(out_dir)
         if not out_dir.is_dir():
+            why = _why_not_a_folder(out_dir)
+            if why is not None:
+                raise EmbedOutputError(f"embedding folder {out_dir} {why}; give the folder that "
+                                       "python -m sg_train.embed wrote (its --out)")
             raise FileNotFoundError(f"embedding folder not found: {out_dir}")
         record = _read_record(out_dir)
         if record is None:
@@ -394,9 +420,10 @@ def embed_files(
         record_extra: more JSON values for ``embed.json`` (e.g. what the file search left out).
 
     Unreadable images are skipped, counted and listed in ``skipped.tsv``; they never stop the run.
-    Raises :class:`EmbedOutputError` for a finished output (without ``overwrite``), an unfinished
-    one of another model, protocol, file list or chunk size, files of other origin in ``out_dir``,
-    or another process embedding into it; :class:`~sg_train.errors.UserInputError` for no files.
+    Raises :class:`EmbedOutputError` for an ``out_dir`` that is a file or inside one, a finished
+    output (without ``overwrite``), an unfinished one of another model, protocol, file list or chunk
+    size, files of other origin in ``out_dir``, or another process embedding into it;
+    :class:`~sg_train.errors.UserInputError` for no files.
     """
     files = [_check_listable(os.fspath(f)) for f in files]
     if not files:
@@ -407,6 +434,7 @@ def embed_files(
         raise UserInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chunk_size = int(chunk_size)
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _locked(out_dir):
         plan = _plan(embedder, files, chunk_size)
@@ -460,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         if not found.files:
             raise UserInputError(f"no image files in {args.images} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}"
                                  f"{'' if args.recursive else '; sub-folders need --recursive'})")
+        _check_out_dir(Path(args.out))  # before the model is loaded
         if not args.overwrite:
-            _refuse_finished(Path(args.out))  # before the model is loaded
+            _refuse_finished(Path(args.out))
         from sg_train.embedder import load_model  # noqa: PLC0415 - torch only once the arguments are good
 
         embedder = load_model(args.checkpoint, protocol=args.protocol, scales=args.scales, device=args.device)

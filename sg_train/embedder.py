@@ -51,7 +51,7 @@ from sg_train.weights_io import stored_class_names  # noqa: E402
 
 __all__ = ["DECODE_WINDOW_BATCHES", "Embedder", "ImageInput", "load_model"]
 
-#: One image: a file path, a PIL image, or an (H, W, 3) uint8 RGB array.
+#: One image: a file path, a PIL image, or an (H, W, 3) uint8 RGB array ((H, W, 4) RGBA: alpha dropped).
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 #: Images decoded ahead, in batches: uint8 pixels of 4 batches weigh what one float32 batch does.
@@ -90,21 +90,48 @@ def _normaliser(input_format: str, mean: Sequence[float], std: Sequence[float]) 
     return normalise
 
 
+def _array_problems(array: np.ndarray) -> list[str]:
+    """What keeps ``array`` from being an image, each with the conversion that fixes it (empty: none)."""
+    shape = array.shape
+    problems = []
+    if array.ndim == 2:
+        problems.append("it is greyscale: make it RGB with np.stack([x] * 3, -1)")
+    elif array.ndim == 3 and shape[2] == 1:
+        problems.append("it has one channel: make it RGB with np.repeat(x, 3, -1)")
+    elif array.ndim == 3 and shape[0] in (3, 4) and shape[2] not in (3, 4):
+        problems.append("it is channels first (C, H, W): put the channels last with x.transpose(1, 2, 0)")
+    elif array.ndim != 3 or shape[2] not in (3, 4):
+        problems.append("an array must be (H, W, 3) RGB or (H, W, 4) RGBA")
+    elif shape[0] < 1 or shape[1] < 1:
+        problems.append("it has no pixels")
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating):
+            how = "(x * 255).round().astype(np.uint8) if its values are 0..1, x.round().astype(np.uint8) if 0..255"
+        elif array.dtype == np.uint16:
+            how = "(x >> 8).astype(np.uint8), as a 16-bit image file is read"
+        else:
+            how = "x.astype(np.uint8) if its values are 0..255"
+        problems.append(f"pixels must be uint8 0..255: convert with {how}")
+    return problems
+
+
 def _check_item(item: Any, i: int) -> Any:
-    """``item`` if it is a supported image input; TypeError / UserInputError naming item ``i`` otherwise."""
+    """``item`` as decoding takes it (an (H, W, 4) array without its alpha channel) if it is a supported
+    image input; TypeError / UserInputError naming item ``i`` otherwise."""
     if isinstance(item, (str, os.PathLike, Image.Image)):
         return item
     if isinstance(item, np.ndarray):
-        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8 or item.shape[0] < 1 or item.shape[1] < 1:
-            raise UserInputError(f"image {i} is a numpy array of shape {item.shape} and dtype {item.dtype}; an array "
-                                 "must be (H, W, 3) uint8 RGB (convert it first, e.g. with np.stack([grey] * 3, -1))")
-        return item
+        problems = _array_problems(item)
+        if problems:
+            raise UserInputError(f"image {i} is a numpy array of shape {item.shape} and dtype {item.dtype}; "
+                                 + "; ".join(problems))
+        return item[..., :3]  # alpha dropped, as read_image drops a file's
     raise TypeError(f"image {i} is a {type(item).__name__}; give a file path (str or Path), a PIL image or an "
-                    "(H, W, 3) uint8 RGB numpy array")
+                    "(H, W, 3) RGB / (H, W, 4) RGBA uint8 numpy array")
 
 
 def _as_items(images: ImageInput | Sequence[ImageInput]) -> list[Any]:
-    """One image or a sequence of them (a 4-D array is a sequence of (H, W, 3) arrays), checked."""
+    """One image or a sequence of them (a 4-D array is a sequence of (H, W, 3|4) arrays), checked."""
     single = isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray)
                                                                      and images.ndim != 4)
     items = [images] if single else list(images)
@@ -218,13 +245,16 @@ class Embedder:
 
         ``images``: one image or a sequence of any mix of file paths (str / ``os.PathLike``), PIL
         images (EXIF orientation applied, as for a file) and ``(H, W, 3)`` uint8 RGB numpy arrays;
-        a 4-D ``(N, H, W, 3)`` array is N images. ``batch_size``: images per forward pass (at most;
+        a 4-D ``(N, H, W, 3)`` array is N images. An ``(H, W, 4)`` RGBA array is embedded without
+        its alpha channel (not blended), as an image file or PIL image with alpha is
+        (:func:`sg_train.image_io.read_image`). ``batch_size``: images per forward pass (at most;
         only equal-size images share a batch). ``progress``: a progress bar.
 
         Raises :class:`~sg_train.image_io.ImageReadError` naming the first image that cannot be read
         (a missing, corrupt or truncated file, or a damaged lazily-opened PIL image), ``TypeError``
         for an unsupported input and :class:`~sg_train.errors.UserInputError` for an array of
-        another shape or dtype; both before any image is decoded.
+        another shape or dtype (its message gives the conversion: greyscale, channels first,
+        float or 16-bit pixels); both before any image is decoded.
         """
         items = _as_items(images)
         rows, descriptors, _ = self._run(items, batch_size, progress, skip_unreadable=False)

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .cvnet import CVNET_MEAN_BGR, CVNET_STD_BGR
 from .errors import OptionError
-from .model import resize_for_scale
+from .model import check_scales, resize_for_scale
 
 __all__ = [
     "BBX_ROUNDINGS",
@@ -118,9 +118,10 @@ class EvalProtocol:
             raise ProtocolError(f"bbx_rounding must be one of {BBX_ROUNDINGS}, got {self.bbx_rounding!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ProtocolError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        scales = tuple(float(s) for s in self.scales)
-        if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
-            raise ProtocolError(f"scales must be a non-empty list of positive numbers, got {list(self.scales)}")
+        try:
+            scales = check_scales(self.scales)
+        except OptionError as exc:
+            raise ProtocolError(str(exc)) from None
         object.__setattr__(self, "scales", scales)
         if self.max_size is not None:
             if isinstance(self.max_size, bool) or int(self.max_size) != self.max_size or int(self.max_size) < 1:

@@ -48,7 +48,9 @@ How each graph keeps B, H and W dynamic:
 Every file is read back (TorchScript with ``torch.jit.load``, ONNX with onnxruntime's
 CPUExecutionProvider, CVNet weights with :func:`sg_train.cvnet.cvnet_state_dict_to_embedding_model`)
 and compared with the eager model at two image sizes before anything is written; a larger max abs
-difference than :data:`PARITY_TOLERANCE` refuses the export.
+difference than :data:`PARITY_TOLERANCE` refuses the export. Scales that would make the traced and
+checked images (sized for the smallest scale, :func:`example_size`) longer than
+:data:`MAX_CHECK_SIDE` px on a side, as they are or at the largest scale, are refused.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ from .eval_protocols import get_protocol
 from .errors import OptionError, UserInputError, one_line, user_error_line
 from .files import atomic_write, write_json
 from .inference import model_from_checkpoint
-from .model import CONFIG_KEYS, EmbeddingModel
+from .model import CONFIG_KEYS, EmbeddingModel, check_scales
 from .pooling.regional_gem import RegionalGeM
 from .weights_io import WeightsMismatchError
 
@@ -93,6 +95,7 @@ __all__ = [
     "EXPORT_RECORD_FORMAT",
     "EXPORT_RECORD_VERSION",
     "FILE_NAMES",
+    "MAX_CHECK_SIDE",
     "MIN_ONNX_OPSET",
     "PARITY_TOLERANCE",
     "SIDECAR_NAME",
@@ -117,6 +120,9 @@ EXPORT_RECORD_VERSION = 1
 MIN_ONNX_OPSET = 18
 #: max abs difference of an exported file's descriptors from the eager model's (unit-norm vectors)
 PARITY_TOLERANCE = 1e-4
+#: longest side (px) of an image the tracing and the parity check may run the model on: the traced
+#: input (sized for the smallest scale, :func:`example_size`) and its copy at the largest scale
+MAX_CHECK_SIDE = 2048
 #: the graphs' input and output names
 INPUT_NAME, OUTPUT_NAME = "images", "descriptors"
 _DEFAULT_STRIDE = 32  # a backbone's total stride when timm's feature_info does not say
@@ -396,15 +402,36 @@ def unsupported_formats(model: EmbeddingModel) -> dict[str, str]:
     return {}
 
 
+def _check_size_affordable(scales: Sequence[float], size: tuple[int, int], chosen: bool) -> None:
+    """OptionError when the images traced and checked at ``size`` (:func:`example_size` unless
+    ``chosen``) would reach more than :data:`MAX_CHECK_SIDE` px a side, as is or at the largest scale."""
+    largest = max(1.0, *scales)
+    side = math.floor(max(size) * largest)
+    if side > MAX_CHECK_SIDE:
+        why, fix = (("the size asked for", "trace at a smaller size") if chosen else
+                    (f"example_size: large enough for every feature map at the smallest scale, {min(scales):g}",
+                     "raise the smallest scale or lower the largest (e.g. --scales 0.7071 1 1.4142)"))
+        raise OptionError(f"extraction scales {list(scales)} (--scales): the export would trace and check the model "
+                          f"on {size[0]} x {size[1]} px images ({why}), {side} px a side "
+                          f"{'as is' if largest == 1.0 else f'at scale {largest:g}'}, beyond the {MAX_CHECK_SIDE} px "
+                          f"the parity check allows; {fix}")
+
+
 def _plan(out: Path, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
     """The path of each format's file and of the sidecar (under ``"export.json"``), after checking the
-    format names and that nothing would be overwritten without ``overwrite``."""
+    format names, that ``out`` is or can be made a folder (not a file, nor inside one) and that
+    nothing would be overwritten without ``overwrite``."""
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:
         raise OptionError(f"unsupported export format(s) {unknown or list(formats)}; "
                           f"the formats are {', '.join(EXPORT_FORMATS)}")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file, not a folder; choose a folder for the exported files")
+    for candidate in (out, *out.parents):  # the nearest that exists must be a folder
+        if candidate.is_dir():
+            break
+        if candidate.exists() or candidate.is_symlink():
+            what = f"is {'a file, ' if candidate.is_file() else ''}not a folder"
+            where = what if candidate == out else f"is inside {candidate}, which {what}"
+            raise ExportError(f"--out {out} {where}; choose a folder for the exported files (created if missing)")
     paths = {fmt: out / FILE_NAMES[fmt] for fmt in dict.fromkeys(formats)}
     paths[SIDECAR_NAME] = out / SIDECAR_NAME
     existing = [str(path) for path in paths.values() if path.exists()]
@@ -437,8 +464,11 @@ def export_model(
 
     Everything is built and checked before the first file is written; each file is written
     atomically, the sidecar last; ``model`` is put in eval mode. Raises
-    :class:`~sg_train.errors.OptionError` for an unknown format or an opset the exporter cannot write
-    (below 18: no antialiased Resize); :class:`ExportError` for an existing output file without ``overwrite``
+    :class:`~sg_train.errors.OptionError` for an unknown format, an opset the exporter cannot write
+    (below 18: no antialiased Resize), scales that are not positive finite numbers or name one twice,
+    and scales (or a ``size``) that would make the traced and checked images longer than
+    :data:`MAX_CHECK_SIDE` px on a side at the largest scale (the input included); :class:`ExportError`
+    for an ``out`` that is a file or inside one, an existing output file without ``overwrite``
     (naming it) and for a file whose descriptors differ from the model's by more than
     :data:`PARITY_TOLERANCE`; :class:`~sg_train.weights_io.WeightsMismatchError` when ``cvnet`` is
     asked for a model CVNet's layout cannot hold (naming the backbone or the normalisation).
@@ -451,8 +481,11 @@ def export_model(
         _check_opset(opset)
     if "cvnet" in paths:
         check_cvnet_convertible(model)
-    model = model.eval()
+    check_scales(model.scales, "the model's scales")
+    chosen = size is not None
     size = size or example_size(model)
+    _check_size_affordable(model.scales, size, chosen)
+    model = model.eval()
     sizes = [size, _second_size(size)]
     preprocessing = {**model.preprocessing, "mean": list(model.mean), "std": list(model.std),
                      "scales": list(model.scales), "embedding_dim": model.embedding_dim}
@@ -500,8 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"any of {', '.join(EXPORT_FORMATS)} (default: every one the model can be written in; "
                              "cvnet needs a resnet50/resnet101 with the l2_fc neck and ImageNet colour statistics)")
     parser.add_argument("--scales", nargs="+", type=float, metavar="S",
-                        help="extraction scales baked into the graphs (default: the revisitop evaluation protocol's, "
-                             "1/sqrt(2) 1 sqrt(2), as retrieval evaluation and sg_train.load_model extract)")
+                        help="extraction scales baked into the graphs, each positive, finite and given once "
+                             "(default: the revisitop evaluation protocol's, 1/sqrt(2) 1 sqrt(2), as retrieval "
+                             "evaluation and sg_train.load_model extract). The graphs are traced and checked on "
+                             "images of 64 x 96 px divided by the smallest scale for a ResNet (128 x 160 with R-GeM "
+                             "5 x 5), so that every feature map has enough cells at that scale; scales for which such "
+                             f"an image exceeds {MAX_CHECK_SIDE} px a side, as is or at the largest scale, are "
+                             "refused: for a ResNet, max(1, largest scale) may be at most about 21 times the smallest "
+                             "(12.8 with R-GeM)")
     parser.add_argument("--opset", type=int, default=MIN_ONNX_OPSET,
                         help=f"ONNX opset, at least {MIN_ONNX_OPSET} (antialiased Resize) (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace exported files already in --out")
@@ -511,7 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = model_from_checkpoint(args.checkpoint, scales=args.scales or get_protocol("revisitop").scales)
+        scales = args.scales or get_protocol("revisitop").scales
+        check_scales(scales, "--scales")  # before the checkpoint is read
+        model = model_from_checkpoint(args.checkpoint, scales=scales)
         record = export_model(model, args.out, args.formats, opset=args.opset, overwrite=args.overwrite,
                               source=str(args.checkpoint))
     except Exception as exc:

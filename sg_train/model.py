@@ -33,6 +33,7 @@ older version.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Sequence
 
@@ -54,6 +55,7 @@ __all__ = [
     "ModelConfigError",
     "config_differences",
     "model_config_arguments",
+    "check_scales",
     "resize_for_scale",
     "scaled_size",
 ]
@@ -163,6 +165,27 @@ def config_differences(
     ]
 
 
+def check_scales(scales: Sequence[float], what: str = "scales") -> tuple[float, ...]:
+    """``scales`` as a tuple of floats, in order; :class:`OptionError` naming ``what`` (the option
+    the user set, e.g. ``--scales``) for an empty list, a value that is not a positive finite
+    number, or a scale given twice (it would be extracted twice and weigh double in the mean)."""
+    try:
+        values = tuple(float(s) for s in scales)
+    except (TypeError, ValueError):
+        raise OptionError(f"{what} must be a list of positive numbers, got {scales!r}") from None
+    if not values:
+        raise OptionError(f"{what} is empty; give at least one scale (e.g. 0.7071 1 1.4142)")
+    bad = [s for s in values if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise OptionError(f"{what} {list(values)}: each must be a positive finite number, not "
+                          f"{', '.join(map(str, bad))} (e.g. 0.7071 1 1.4142)")
+    repeated = sorted({s for s in values if values.count(s) > 1})
+    if repeated:
+        raise OptionError(f"{what} {list(values)} name {', '.join(map(str, repeated))} more than once; give each "
+                          "scale once")
+    return values
+
+
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """``(int(height·scale), int(width·scale))``, each at least 1 pixel (SuperGlobal's sizes: with its
     literal 1.4142 a 338-px side becomes 477, with exact √2 478)."""
@@ -259,7 +282,7 @@ class EmbeddingModel(nn.Module):
             raise OptionError(f"embedding_dim must be >= 1, got {embedding_dim}")
         if neck not in NECKS:
             raise OptionError(f"neck must be one of {NECKS}, got {neck!r}")
-        self.scales = self._check_scales(scales)
+        self.scales = check_scales(scales, "model scales")
         # Head first: a bad spec fails before the (slower) backbone is built.
         self.head = PoolingHead(
             head, gem_p=gem_p, gem_p_learnable=gem_p_learnable, gemp_p=gemp_p, rgem_p=rgem_p,
@@ -331,13 +354,6 @@ class EmbeddingModel(nn.Module):
         return cls(**model_config_arguments(config))
 
     # -- construction helpers -------------------------------------------------------------
-    @staticmethod
-    def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
-        out = tuple(float(s) for s in scales)
-        if not out or any(s <= 0 for s in out):
-            raise OptionError(f"scales must be a non-empty list of positive numbers, got {scales!r}")
-        return out
-
     def _check_stats(
         self, what: str, given: Sequence[float] | None, default_rgb: Sequence[float], channels: int
     ) -> tuple[float, ...]:
@@ -413,7 +429,7 @@ class EmbeddingModel(nn.Module):
         grad state: call ``eval()`` (BatchNorm on its running statistics) and wrap in
         ``torch.no_grad()`` for inference.
         """
-        scales = self.scales if scales is None else self._check_scales(scales)
+        scales = self.scales if scales is None else check_scales(scales)
         per_scale = [self.scale_descriptor(resize(images, s)) for s in scales]
         return F.normalize(self.head.aggregate_scales(per_scale), p=2, dim=-1)
 

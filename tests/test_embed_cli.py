@@ -226,3 +226,31 @@ def test_search_finds_an_indexed_image_first_and_exact_and_faiss_agree(checkpoin
     assert "is not the model that embedded" in capsys.readouterr().err
     assert search.main(["--index", str(tmp_path), queries[0]]) == 1
     assert "holds no finished embedding: embed.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["a-file", "inside-a-file"])
+def test_an_out_that_is_a_file_or_inside_one_is_refused_in_one_line(checkpoint, embedder, gallery, files, tmp_path,
+                                                                    capsys, under):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    out = existing / "embedding" if under else existing
+    argv = [str(checkpoint), str(gallery), "--recursive", "--out", str(out), "--no-progress"]
+    assert embed.main(argv) == 1
+    err = capsys.readouterr().err
+    why = f"is inside {existing}, which is a file, not a folder" if under else "is a file, not a folder"
+    assert err.count("\n") == 1 and f"--out {out} {why}; choose another --out" in err
+    with pytest.raises(EmbedOutputError, match="is a file, not a folder"):
+        embed_files(embedder, files[:1], out, progress=False)
+    assert existing.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [existing]
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["a-file", "inside-a-file"])
+def test_search_names_an_index_that_is_a_file(gallery, tmp_path, capsys, under):
+    existing = tmp_path / "descriptors.npy"
+    existing.write_bytes(b"not a folder")
+    index = existing / "sub" if under else existing
+    assert search.main(["--index", str(index), str(gallery)]) == 1
+    err = capsys.readouterr().err
+    why = f"is inside {existing}, which is a file, not a folder" if under else "is a file, not a folder"
+    assert err.count("\n") == 1 and f"embedding folder {index} {why}; give the folder" in err
+    assert "python -m sg_train.embed" in err

@@ -146,6 +146,36 @@ def test_bad_inputs_fail_before_any_work(embedder):
         Embedder(embedder.model, protocol="oxford")
 
 
+def test_an_array_with_alpha_is_embedded_without_it_as_a_file_with_alpha_is(embedder, tmp_path):
+    rgba = np.random.default_rng(1).integers(0, 256, (40, 56, 4), dtype=np.uint8)  # alpha varies per pixel
+    png = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(png)
+    np.testing.assert_array_equal(read_image(png), rgba[..., :3])  # the file route drops alpha (no blending)
+    got = embedder.embed([rgba, png, np.ascontiguousarray(rgba[..., :3])])
+    np.testing.assert_allclose(got, np.repeat(got[:1], 3, axis=0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(embedder.embed(np.stack([rgba, rgba])), got[:2], rtol=0, atol=1e-6)  # (N, H, W, 4)
+
+
+@pytest.mark.parametrize(("array", "hints"), [
+    (np.zeros((8, 8), np.uint8), ["greyscale", "np.stack([x] * 3, -1)"]),
+    (np.zeros((8, 8, 1), np.uint8), ["one channel", "np.repeat(x, 3, -1)"]),
+    (np.zeros((3, 8, 8), np.uint8), ["channels first", "x.transpose(1, 2, 0)"]),
+    (np.zeros((4, 8, 8), np.uint8), ["channels first", "x.transpose(1, 2, 0)"]),
+    (np.zeros((8, 8, 5), np.uint8), ["(H, W, 3) RGB or (H, W, 4) RGBA"]),
+    (np.zeros((0, 8, 3), np.uint8), ["no pixels"]),
+    (np.zeros((8, 8, 3), np.float32), ["uint8 0..255", "(x * 255).round().astype(np.uint8)"]),
+    (np.zeros((8, 8, 3), np.uint16), ["uint8 0..255", "(x >> 8).astype(np.uint8)"]),
+    (np.zeros((3, 8, 8), np.float64), ["x.transpose(1, 2, 0)", "(x * 255).round().astype(np.uint8)"]),
+], ids=["greyscale", "one-channel", "chw", "chw-rgba", "five-channels", "empty", "float", "uint16", "float-chw"])
+def test_an_array_of_another_layout_or_dtype_is_told_the_conversion_it_needs(embedder, array, hints):
+    with pytest.raises(UserInputError) as caught:
+        embedder.embed([np.zeros((8, 8, 3), np.uint8), array])
+    message = str(caught.value)
+    assert message.startswith(f"image 1 is a numpy array of shape {array.shape} and dtype {array.dtype}")
+    assert "\n" not in message and all(hint in message for hint in hints), message
+    assert ("np.stack" in message) == (array.ndim == 2)  # the greyscale recipe only for greyscale
+
+
 def test_properties_and_class_names_from_the_checkpoint_record(embedder, checkpoint, tmp_path):
     assert sg_train.load_model is load_model  # imported on first use
     assert isinstance(embedder.model, EmbeddingModel) and not embedder.model.training

@@ -18,6 +18,7 @@ from sg_train.cvnet import CVNET_MEAN_BGR, CVNET_STD_BGR, cvnet_pool_p, load_cvn
 from sg_train.errors import OptionError
 from sg_train.export import (
     FILE_NAMES,
+    MAX_CHECK_SIDE,
     PARITY_TOLERANCE,
     SIDECAR_NAME,
     ExportError,
@@ -260,4 +261,43 @@ def test_a_file_that_differs_from_the_model_is_not_written(tmp_path, monkeypatch
     monkeypatch.setattr(export, "torchscript_module", lambda _, size: real(moved, size=size))
     with pytest.raises(ExportError, match=r"TorchScript export does not reproduce the model.*nothing was written"):
         export_model(model, tmp_path, ["torchscript"], size=(64, 80))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["a-file", "inside-a-file"])
+def test_an_out_that_is_a_file_or_inside_one_is_refused_before_any_work(gem_checkpoint, tmp_path, capsys, under):
+    existing = tmp_path / "model.onnx"
+    existing.write_text("keep me")
+    out = existing / "exported" if under else existing
+    assert main(["--checkpoint", str(gem_checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    why = f"is inside {existing}, which is a file, not a folder" if under else "is a file, not a folder"
+    assert err.count("\n") == 1 and f"--out {out} {why}; choose a folder" in err
+    assert existing.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [existing]
+
+
+@pytest.mark.parametrize("scales, culprit", [
+    (["1", "1"], "1.0 more than once"), (["0.7071", "1", "0.7071"], "0.7071 more than once"), (["1", "0"], "0.0"),
+    (["1", "-1"], "-1.0"), (["1", "nan"], "nan"), (["inf"], "inf"),
+])
+def test_repeated_or_non_positive_scales_are_refused(gem_checkpoint, tmp_path, capsys, scales, culprit):
+    assert main(["--checkpoint", str(gem_checkpoint), "--out", str(tmp_path), "--scales", *scales]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--scales" in err and culprit in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_scales_that_would_make_the_check_image_too_large_are_refused(gem_checkpoint, tmp_path, capsys):
+    """The check image is sized for the smallest scale (example_size: 6400 x 9600 px at 0.01 for a
+    ResNet's 32 px stride without R-GeM); the largest scale then runs the model on more than
+    MAX_CHECK_SIDE px a side."""
+    assert main(["--checkpoint", str(gem_checkpoint), "--out", str(tmp_path), "--scales", "0.01", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--scales" in err and "6400 x 9600" in err and str(MAX_CHECK_SIDE) in err
+    with pytest.raises(OptionError, match=r"9600 px"):  # one small scale alone: the input itself is that large
+        export_model(EmbeddingModel("resnet18", "gem", 8, scales=(0.01,)), tmp_path)
+    with pytest.raises(OptionError, match=r"182 x 227 .*at scale 12"):  # R-GeM: 227 px x 12 > 2048
+        export_model(EmbeddingModel("resnet18", "rgem+gem", 8, scales=(0.7071, 12.0)), tmp_path)
+    with pytest.raises(OptionError, match=r"3000 x 64 px images \(the size asked for\).*trace at a smaller size"):
+        export_model(EmbeddingModel("resnet18", "gem", 8), tmp_path, size=(3000, 64))
     assert not any(tmp_path.iterdir())

@@ -9,7 +9,9 @@ from safetensors.torch import save_file
 
 from sg_train.backbone import create_backbone, load_backbone_weights
 from sg_train.weights_io import WeightsMismatchError, read_state_dict
-from sg_train.model import EmbeddingModel, resize_for_scale
+from sg_train.errors import OptionError
+from sg_train.eval_protocols import ProtocolError, resolve_protocol
+from sg_train.model import EmbeddingModel, check_scales, resize_for_scale
 from sg_train.pooling import gem, regional_gem
 
 SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
@@ -240,3 +242,18 @@ def test_missing_and_unreadable_files(tmp_path):
     torch.save({"epoch": 1, "lr": 0.1}, not_tensors)
     with pytest.raises(WeightsMismatchError, match="does not hold a state dict"):
         read_state_dict(not_tensors)
+
+
+@pytest.mark.parametrize("scales, message", [
+    ((), "is empty"), ((1.0, float("nan")), "not nan"), ((float("inf"),), "not inf"), ((1.0, 0.0), "not 0.0"),
+    ((0.7071, 1.0, 0.7071), "0.7071 more than once"),
+])
+def test_every_scale_list_is_checked_by_one_rule(scales, message):
+    """The model, the evaluation protocols (evaluate.py/embed --scales) and export share check_scales:
+    a repeated scale was extracted twice and weighed double; nan and inf reached the resize."""
+    with pytest.raises(OptionError, match=message):
+        check_scales(scales)
+    with pytest.raises(OptionError, match=message):
+        EmbeddingModel("resnet18", "gem", 8, scales=scales)
+    with pytest.raises(ProtocolError, match=message):
+        resolve_protocol("revisitop", scales=scales)
