@@ -5,7 +5,7 @@ import yaml
 
 import train
 import wandb_records
-from test_runs import demo_config
+from test_runs import demo_config, run_train
 
 
 def test_the_wandb_run_holds_the_whole_configuration_and_the_config_file(tmp_path, synthetic_data):
@@ -57,3 +57,20 @@ def test_no_artifact_is_staged_when_wandb_is_disabled(tmp_path, synthetic_data, 
     train.main(["fit", "--config", str(config), "--trainer.callbacks+=callbacks.checkpoint_artifacts.CheckpointArtifacts"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_ddp_with_the_wandb_logger_fits_and_validate_leaves_the_runs_config_alone(tmp_path, synthetic_data):
+    """Every shipped config logs to W&B: under DDP, saving the configuration asked rank 0 alone for
+    the (collective) log folder and both ranks waited forever. And ``validate`` rewrote the fit's
+    config.yaml, which resuming reads back."""
+    config = demo_config(tmp_path, synthetic_data, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    fit = run_train(["fit", "--config", str(config), "--trainer.devices=2", "--trainer.strategy=ddp"], cwd=tmp_path)
+    assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    fitted = (run_dir / "config.yaml").read_text()
+    assert str(yaml.safe_load(fitted)["trainer"]["devices"]) == "2"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    validate = run_train(["validate", "--config", str(config), f"--ckpt_path={last}"], cwd=tmp_path)
+    assert validate.returncode == 0, validate.stdout[-3000:] + validate.stderr[-3000:]
+    assert (run_dir / "config.yaml").read_text() == fitted
+    assert "ckpt_path" in yaml.safe_load((run_dir / "validate_config.yaml").read_text())
