@@ -27,9 +27,10 @@ Descriptor mode:
 
 Q.npy holds the query descriptors (one row per query, in qimlist order), X.npy the database
 descriptors (imlist order); both L2-normalised, fp16/fp32 (X is memory-mapped, so an R1M-size
-database works). Prints the paper's table (E/M/H mAP in %, without and with SuperGlobal
-reranking) and optionally writes ``{"<dataset>": {"mAP": {"E", "M", "H"}, "rerank_mAP": {...},
-"mP": ..., "rerank_mP": ...}}`` with values in [0, 1]; the dataset name comes from the
+database works); a row whose L2 norm is not 1 (within 1e-3, 1e-2 for fp16) is refused, naming
+it. Prints the paper's table (E/M/H mAP in %, without and with SuperGlobal reranking) and
+optionally writes ``{"<dataset>": {"mAP": {"E", "M", "H"}, "rerank_mAP": {...}, "mP": ...,
+"rerank_mP": ...}}`` with values in [0, 1]; the dataset name comes from the
 gnd file name (gnd_<name>.pkl). Bad input: one line on stderr and exit status 1; a bug: its traceback.
 
 Post-processing and grids:
@@ -71,7 +72,7 @@ from sg_train.extraction import bind_protocol, extract_all  # noqa: E402
 from sg_train.figures import example_grid  # noqa: E402
 from sg_train.run_folder import check_writable_dir  # noqa: E402
 from sg_train.retrieval.examples import revisited_examples, select_queries  # noqa: E402
-from sg_train.files import write_json  # noqa: E402
+from sg_train.files import why_not_a_folder, write_json  # noqa: E402
 from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
 from sg_train.model import EmbeddingModel  # noqa: E402
 from sg_train.r1m_extraction import R1MDescriptors, R1MExtractionError, extract_r1m  # noqa: E402
@@ -91,6 +92,7 @@ from sg_train.retrieval import (  # noqa: E402
     sweep_points,
     sweep_score,
 )
+from sg_train.retrieval.tail import check_against_gnd  # noqa: E402
 from sg_train.wandb_mode import resolve_wandb_mode  # noqa: E402
 
 #: what ``--json`` keeps of a dataset's result
@@ -100,6 +102,10 @@ SOURCE_OPTIONS = ("descriptors", "gnd", "checkpoint", "cvnet_weights", "depth", 
                   "relu_plus", "rgem", "gemp", "sgem")
 SWEEP_FORMAT, SWEEP_VERSION = "sg-train/sweep", 1
 SCORE = "mean over the datasets of the Medium mAP of the final ranking (after reranking with --rerank)"
+#: the options naming a folder evaluate.py writes into (created if missing)
+OUTPUT_FOLDERS = ("cache_dir", "r1m_out", "examples_dir")
+#: rows of a --descriptors file read at once by the unit-length check (X may be an R1M-size memory map)
+NORM_CHECK_ROWS = 16384
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queries drawn per dataset, spread evenly over the query list (default 8)")
     model.add_argument("--examples-k", type=int, default=5, metavar="K", help="results drawn per query (default 5)")
     parser.add_argument("--rerank", action="store_true", help="also report SuperGlobal reranking")
-    parser.add_argument("--json", metavar="FILE", help="write the numbers (values in [0, 1]) to this JSON file")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write the numbers (values in [0, 1]) to this JSON file (its folder created if missing)")
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="search backend (default: torch)")
     parser.add_argument("--faiss-index", choices=INDEX_TYPES, default="flat",
                         help="FAISS index for --backend faiss (default: exact flat)")
@@ -220,6 +227,51 @@ def _load_matrix(path: str, what: str, mmap: bool) -> np.ndarray:
     return arr
 
 
+def unit_norm_tolerance(dtype: np.dtype) -> float:
+    """How far a ``--descriptors`` row's L2 norm may be from 1: 1e-3, or 1e-2 for float16 (each of
+    its values keeps a rounding error of up to 2^-11 of itself)."""
+    return 1e-2 if np.dtype(dtype).itemsize <= 2 else 1e-3
+
+
+def check_unit_rows(matrix: np.ndarray, path: str, what: str) -> None:
+    """:class:`UserInputError` naming ``path``, the first row whose L2 norm is not 1 (within
+    :func:`unit_norm_tolerance`) and that norm: the global search ranks by angle alone, but
+    SuperGlobal reranking mixes similarities and would change silently.
+
+    Rows that are all zero or hold nan/inf are left to the retrieval checks, which name them. Read
+    :data:`NORM_CHECK_ROWS` at a time (``matrix`` may be a memory map).
+    """
+    tolerance = unit_norm_tolerance(matrix.dtype)
+    for start in range(0, matrix.shape[0], NORM_CHECK_ROWS):
+        norms = np.linalg.norm(np.asarray(matrix[start:start + NORM_CHECK_ROWS], dtype=np.float64), axis=1)
+        bad = np.flatnonzero(np.isfinite(norms) & (norms > 0) & (np.abs(norms - 1) > tolerance))
+        if bad.size:
+            raise UserInputError(
+                f"{what} file {path}: row {start + int(bad[0])} has L2 norm {norms[bad[0]]:.6g}, not 1 (tolerance "
+                f"{tolerance:g} for {matrix.dtype}); descriptors must be unit length (SuperGlobal reranking weighs "
+                "the similarities): L2-normalise every row, e.g. A / np.linalg.norm(A, axis=1, keepdims=True), and "
+                "save the file again")
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Before any work: each folder option (:data:`OUTPUT_FOLDERS`) is or can be made a folder, and
+    ``--json`` is not a folder and its folder can be one; :class:`OptionError` naming the option,
+    the path and the fix (:func:`sg_train.files.why_not_a_folder`)."""
+    for name in OUTPUT_FOLDERS:
+        path = getattr(args, name)
+        why = why_not_a_folder(path) if path else None
+        if why is not None:
+            option = f"--{name.replace('_', '-')}"
+            raise OptionError(f"{option} {path} {why}; give {option} a folder (created if missing)")
+    if args.json:
+        path = Path(args.json)
+        if path.is_dir():
+            raise OptionError(f"--json {path} is a folder; give --json a file name, e.g. {path / 'results.json'}")
+        why = why_not_a_folder(path.parent)
+        if why is not None:
+            raise OptionError(f"--json {path}: its folder {path.parent} {why}; give --json a file in a folder")
+
+
 def search_options(args: argparse.Namespace) -> dict[str, Any]:
     """The search settings of the options, as :func:`evaluate_sweep` takes them."""
     return {"backend": args.backend, "topk": args.topk, "faiss_index": args.faiss_index}
@@ -233,7 +285,10 @@ def evaluate_descriptor_files(args: argparse.Namespace, points: list[SweepPoint]
     gnd = load_gnd(args.gnd)
     Q = _load_matrix(q_path, "query descriptor", mmap=False)
     X = _load_matrix(x_path, "database descriptor", mmap=True)
+    check_against_gnd(Q, X, gnd)  # shapes and counts first: a row of another width has another norm
     check_points(points, X.shape[0], what=f"database descriptor file {x_path}")  # before the search
+    check_unit_rows(Q, q_path, "query descriptor")
+    check_unit_rows(X, x_path, "database descriptor")
     return {dataset_name(args.gnd): evaluate_sweep(Q, X, gnd, points, **search_options(args))}
 
 
@@ -445,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.examples < 1 or args.examples_k < 1:
         parser.error(f"--examples and --examples-k must be >= 1, got {args.examples} and {args.examples_k}")
     try:
+        check_output_paths(args)
         if args.examples_dir:  # before any extraction: a folder that cannot be written fails at once
             check_writable_dir(args.examples_dir, "--examples-dir folder", "give --examples-dir a folder you can write")
         if args.wandb is not None:  # decided before any work: a bad WANDB_MODE fails at once
@@ -456,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         best = best_point(scores)
         print(report(points, results, best))
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             write_json(args.json, sweep_json(points, results, scores, best))
         if args.wandb is not None:
             log_to_wandb(args, wandb_mode, points, results, scores, best)

@@ -17,6 +17,9 @@ Layout of ``DIR`` once finished::
     embed.json        written last: format, checkpoint, model fingerprint, protocol, scales, count,
                       dim, skipped; a folder with it is finished and never overwritten without --overwrite
 
+When no image can be read, the run ends with an error naming a few and ``skipped.tsv`` (written,
+with every reason); nothing else is, and the folder stays an unfinished run.
+
 While it runs, ``DIR/chunks/`` holds ``plan.json`` (model fingerprint, protocol, file list digest,
 chunk size), ``planned.txt`` (every file to embed) and per chunk of ``--chunk-size`` files
 ``<c>.npy`` (its descriptors) and ``<c>.json`` (written after the ``.npy``, both atomically: the
@@ -48,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sg_train.errors import UserInputError, user_error_line
-from sg_train.files import array_digest, atomic_write, write_json
+from sg_train.files import array_digest, atomic_write, why_not_a_folder, write_json
 from sg_train.image_io import IMAGE_EXTENSIONS
 from sg_train.progress import progress_bar
 
@@ -99,12 +102,14 @@ def _check_listable(path: str) -> str:
     return path
 
 
-def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = False) -> ImageFiles:
+def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = False,
+                   check_name: Callable[[str], str] = _check_listable) -> ImageFiles:
     """The image files named by ``inputs`` (files and folders; see the module docstring).
 
-    Raises FileNotFoundError for an input that does not exist and
-    :class:`~sg_train.errors.UserInputError` for a file name files.txt cannot hold (a line break,
-    a tab, bytes that are not UTF-8).
+    ``check_name`` is applied to each file's absolute path: it returns the path or raises
+    :class:`~sg_train.errors.UserInputError` naming it. The default is embed's: a name files.txt
+    and skipped.tsv can hold (no line break, no tab, valid UTF-8). Raises FileNotFoundError for an
+    input that does not exist.
     """
     files: list[str] = []
     non_images: Counter[str] = Counter()
@@ -128,7 +133,14 @@ def collect_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = Fal
         else:
             raise FileNotFoundError(f"input not found: {given} (give image files or folders)")
     unique = list(dict.fromkeys(files))
-    return ImageFiles([_check_listable(f) for f in unique], dict(sorted(non_images.items())), len(files) - len(unique))
+    return ImageFiles([check_name(f) for f in unique], dict(sorted(non_images.items())), len(files) - len(unique))
+
+
+def _positive_int(value: Any, what: str) -> int:
+    """``value`` as an int if it is a positive integer, else UserInputError naming ``what``."""
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise UserInputError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _digest_lines(lines: Sequence[str]) -> str:
@@ -146,21 +158,9 @@ def _read_lines(path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- the output folder
-def _why_not_a_folder(path: Path) -> str | None:
-    """Why ``path`` cannot be a folder, to follow its name ("is a file, not a folder", "is inside
-    X, which is a file, not a folder"), or None when it is one or can be made one."""
-    for candidate in (path, *path.parents):
-        if candidate.is_dir():
-            return None
-        if os.path.lexists(candidate):
-            what = f"{'a file, ' if candidate.is_file() else ''}not a folder"
-            return f"is {what}" if candidate == path else f"is inside {candidate}, which is {what}"
-    return None
-
-
 def _check_out_dir(out_dir: Path) -> None:
     """EmbedOutputError if ``out_dir`` is a file or lies inside one (it could not be made a folder)."""
-    why = _why_not_a_folder(out_dir)
+    why = why_not_a_folder(out_dir)
     if why is not None:
         raise EmbedOutputError(f"--out {out_dir} {why}; choose another --out (a folder, created if missing); "
                                "nothing was written")
@@ -192,7 +192,7 @@ class Embeddings:
         FileNotFoundError if there is nothing at ``out_dir``."""
         out_dir = Path(out_dir)
         if not out_dir.is_dir():
-            why = _why_not_a_folder(out_dir)
+            why = why_not_a_folder(out_dir)
             if why is not None:
                 raise EmbedOutputError(f"embedding folder {out_dir} {why}; give the folder that "
                                        "python -m sg_train.embed wrote (its --out)")
@@ -362,7 +362,8 @@ def _run_chunk(embedder: Embedder, out_dir: Path, chunk: int, files: list[str], 
 
 def _finish(out_dir: Path, plan: dict[str, Any], files: list[str], records: list[dict[str, Any]],
             extra: dict[str, Any]) -> None:
-    """Assemble the chunks into descriptors.npy, files.txt and skipped.tsv, then write embed.json."""
+    """Write skipped.tsv, then assemble the chunks into descriptors.npy and files.txt and write
+    embed.json; UserInputError (after skipped.tsv) when no image could be read."""
     dim = plan["dim"]
     skipped = [(path, reason) for r in records for path, reason in r["skipped"]]
     dropped = {path for path, _ in skipped}
@@ -371,6 +372,15 @@ def _finish(out_dir: Path, plan: dict[str, Any], files: list[str], records: list
     if count != len(kept):  # chunk records disagree with the plan: never write a misaligned output
         raise EmbedOutputError(f"{out_dir / CHUNKS} holds {count} rows for {len(kept)} readable files; "
                                "pass --overwrite")
+    _write_lines(out_dir / SKIPPED,
+                 ["path\treason"] + [f"{path}\t{' '.join(reason.split())}" for path, reason in skipped])
+    if not kept:  # no descriptor: nothing finished to write (the folder stays an unfinished run)
+        where = os.path.commonpath([os.path.dirname(f) for f in files])
+        reasons = "; ".join(f"{path}: {' '.join(reason.split())}" for path, reason in skipped[:3])
+        more = "; ..." if len(skipped) > 3 else ""
+        raise UserInputError(f"none of the {len(files)} image{'s' if len(files) > 1 else ''} under {where} could be "
+                             f"read ({reasons}{more}; every one in {out_dir / SKIPPED}); nothing was embedded: repair "
+                             "or replace the images and run again with --overwrite, or give others")
 
     def write_descriptors(fh: Any) -> None:  # streamed chunk by chunk: never the whole matrix in memory
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
@@ -381,8 +391,6 @@ def _finish(out_dir: Path, plan: dict[str, Any], files: list[str], records: list
 
     atomic_write(out_dir / DESCRIPTORS, write_descriptors)
     _write_lines(out_dir / FILES, kept)
-    _write_lines(out_dir / SKIPPED,
-                 ["path\treason"] + [f"{path}\t{' '.join(reason.split())}" for path, reason in skipped])
     write_json(out_dir / RECORD, {
         "format": FORMAT, "version": VERSION, "checkpoint": plan["checkpoint"],
         "model_fingerprint": plan["model_fingerprint"], "eval_protocol": plan["eval_protocol"],
@@ -419,20 +427,22 @@ def embed_files(
         on_chunk_done: called with the chunk number once its files are written.
         record_extra: more JSON values for ``embed.json`` (e.g. what the file search left out).
 
-    Unreadable images are skipped, counted and listed in ``skipped.tsv``; they never stop the run.
-    Raises :class:`EmbedOutputError` for an ``out_dir`` that is a file or inside one, a finished
-    output (without ``overwrite``), an unfinished one of another model, protocol, file list or chunk
-    size, files of other origin in ``out_dir``, or another process embedding into it;
-    :class:`~sg_train.errors.UserInputError` for no files.
+    Unreadable images are skipped, counted and listed in ``skipped.tsv``; they never stop the run,
+    but when none could be read :class:`~sg_train.errors.UserInputError` names a few and
+    ``skipped.tsv`` (no embedding is finished). Raises :class:`EmbedOutputError` for an ``out_dir``
+    that is a file or inside one, a finished output (without ``overwrite``), an unfinished one of
+    another model, protocol, file list or chunk size, files of other origin in ``out_dir``, or
+    another process embedding into it;
+    :class:`~sg_train.errors.UserInputError` for no files and a ``batch_size`` or ``chunk_size``
+    that is not a positive integer.
     """
     files = [_check_listable(os.fspath(f)) for f in files]
     if not files:
         raise UserInputError("no image files to embed")
     if len(set(files)) != len(files):
         raise UserInputError("the file list names some files more than once; de-duplicate it (collect_images does)")
-    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or int(chunk_size) < 1:
-        raise UserInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    chunk_size = int(chunk_size)
+    batch_size = _positive_int(batch_size, "batch_size")
+    chunk_size = _positive_int(chunk_size, "chunk_size")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -484,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _positive_int(args.batch_size, "--batch-size")  # every option before the output folder and the model
+        _positive_int(args.chunk_size, "--chunk-size")
+        from sg_train.eval_protocols import get_protocol  # noqa: PLC0415 - torch only once the arguments parse
+        from sg_train.model import check_scales  # noqa: PLC0415
+
+        get_protocol(args.protocol)
+        if args.scales is not None:
+            check_scales(args.scales, "--scales")
         found = collect_images(args.images, recursive=args.recursive)
         if not found.files:
             raise UserInputError(f"no image files in {args.images} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}"

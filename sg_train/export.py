@@ -84,7 +84,7 @@ from .cvnet import (
 )
 from .eval_protocols import get_protocol
 from .errors import OptionError, UserInputError, one_line, user_error_line
-from .files import atomic_write, write_json
+from .files import atomic_write, why_not_a_folder, write_json
 from .inference import model_from_checkpoint
 from .model import CONFIG_KEYS, EmbeddingModel, check_scales
 from .pooling.regional_gem import RegionalGeM
@@ -425,13 +425,9 @@ def _plan(out: Path, formats: Sequence[str], overwrite: bool) -> dict[str, Path]
     if unknown or not formats:
         raise OptionError(f"unsupported export format(s) {unknown or list(formats)}; "
                           f"the formats are {', '.join(EXPORT_FORMATS)}")
-    for candidate in (out, *out.parents):  # the nearest that exists must be a folder
-        if candidate.is_dir():
-            break
-        if candidate.exists() or candidate.is_symlink():
-            what = f"is {'a file, ' if candidate.is_file() else ''}not a folder"
-            where = what if candidate == out else f"is inside {candidate}, which {what}"
-            raise ExportError(f"--out {out} {where}; choose a folder for the exported files (created if missing)")
+    why = why_not_a_folder(out)
+    if why is not None:
+        raise ExportError(f"--out {out} {why}; choose a folder for the exported files (created if missing)")
     paths = {fmt: out / FILE_NAMES[fmt] for fmt in dict.fromkeys(formats)}
     paths[SIDECAR_NAME] = out / SIDECAR_NAME
     existing = [str(path) for path in paths.values() if path.exists()]
@@ -465,7 +461,8 @@ def export_model(
     Everything is built and checked before the first file is written; each file is written
     atomically, the sidecar last; ``model`` is put in eval mode. Raises
     :class:`~sg_train.errors.OptionError` for an unknown format, an opset the exporter cannot write
-    (below 18: no antialiased Resize), scales that are not positive finite numbers or name one twice,
+    (below 18: no antialiased Resize), scales outside [:data:`~sg_train.model.MIN_SCALE`,
+    :data:`~sg_train.model.MAX_SCALE`] or naming one twice (:func:`~sg_train.model.check_scales`),
     and scales (or a ``size``) that would make the traced and checked images longer than
     :data:`MAX_CHECK_SIDE` px on a side at the largest scale (the input included); :class:`ExportError`
     for an ``out`` that is a file or inside one, an existing output file without ``overwrite``
@@ -533,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"any of {', '.join(EXPORT_FORMATS)} (default: every one the model can be written in; "
                              "cvnet needs a resnet50/resnet101 with the l2_fc neck and ImageNet colour statistics)")
     parser.add_argument("--scales", nargs="+", type=float, metavar="S",
-                        help="extraction scales baked into the graphs, each positive, finite and given once "
+                        help="extraction scales baked into the graphs, each from 1/16 to 4 and given once "
                              "(default: the revisitop evaluation protocol's, 1/sqrt(2) 1 sqrt(2), as retrieval "
                              "evaluation and sg_train.load_model extract). The graphs are traced and checked on "
                              "images of 64 x 96 px divided by the smallest scale for a ResNet (128 x 160 with R-GeM "

@@ -1,6 +1,6 @@
 """Durable files: atomic writes (a reader sees the old file or the new one, never half of one),
-strict JSON (never a bare ``NaN``), and content digests of arrays written to disk (to tell a
-damaged file from a good one)."""
+strict JSON (never a bare ``NaN``), content digests of arrays written to disk (to tell a
+damaged file from a good one), and why a path cannot be an output folder (checked before any work)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["array_digest", "atomic_write", "write_json"]
+__all__ = ["array_digest", "atomic_write", "why_not_a_folder", "write_json"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -68,3 +68,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def array_digest(array: np.ndarray) -> str:
     """BLAKE2b (128-bit) hex digest of an array's bytes in C order."""
     return hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+
+
+def why_not_a_folder(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a folder, worded to follow its name ("is a file, not a folder", "is
+    inside X, which is a file, not a folder"), or None when it is one or can be made one (the
+    nearest of it and its parents that exists is a folder). Output options check their path with it
+    before any work, each raising its own error with its own fix."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return None
+        if os.path.lexists(candidate):
+            what = f"{'a file, ' if candidate.is_file() else ''}not a folder"
+            return f"is {what}" if candidate == path else f"is inside {candidate}, which is {what}"
+    return None

@@ -33,7 +33,6 @@ older version.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Sequence
 
@@ -50,6 +49,8 @@ from .weights_io import WeightsFileError
 __all__ = [
     "CONFIG_KEYS",
     "EmbeddingModel",
+    "MAX_SCALE",
+    "MIN_SCALE",
     "MODEL_CONFIG_FORMAT",
     "MODEL_CONFIG_VERSION",
     "ModelConfigError",
@@ -61,6 +62,8 @@ __all__ = [
 ]
 
 INPUT_FORMATS = ("rgb", "bgr")
+#: the range of an extraction scale (:func:`check_scales` says why)
+MIN_SCALE, MAX_SCALE = 1 / 16, 4.0
 MODEL_CONFIG_FORMAT = "sg-train/embedding-model"
 #: 2: ``neck`` and ``gem_p_learnable`` added (version 1 configurations read as "l2_fc" and True)
 MODEL_CONFIG_VERSION = 2
@@ -167,18 +170,24 @@ def config_differences(
 
 def check_scales(scales: Sequence[float], what: str = "scales") -> tuple[float, ...]:
     """``scales`` as a tuple of floats, in order; :class:`OptionError` naming ``what`` (the option
-    the user set, e.g. ``--scales``) for an empty list, a value that is not a positive finite
-    number, or a scale given twice (it would be extracted twice and weigh double in the mean)."""
+    the user set, e.g. ``--scales``) for an empty list, a value outside [:data:`MIN_SCALE`,
+    :data:`MAX_SCALE`] (nan, inf and non-positive values among them), or a scale given twice (it
+    would be extracted twice and weigh double in the mean).
+
+    The range: below 1/16 an image shrinks to a few pixels (a 1024-px side to less than 64 px, two
+    cells of a ResNet's feature map), so its descriptor says nothing of it; above 4 an image is
+    extracted at more than 4 times its sides: more than 16 times its pixels and the memory of its
+    feature maps, which grows with the square of the scale (scale 1000 asked for 393 GB at once)."""
     try:
         values = tuple(float(s) for s in scales)
     except (TypeError, ValueError):
         raise OptionError(f"{what} must be a list of positive numbers, got {scales!r}") from None
     if not values:
         raise OptionError(f"{what} is empty; give at least one scale (e.g. 0.7071 1 1.4142)")
-    bad = [s for s in values if not (math.isfinite(s) and s > 0)]
+    bad = [s for s in values if not MIN_SCALE <= s <= MAX_SCALE]  # False for nan
     if bad:
-        raise OptionError(f"{what} {list(values)}: each must be a positive finite number, not "
-                          f"{', '.join(map(str, bad))} (e.g. 0.7071 1 1.4142)")
+        raise OptionError(f"{what} {list(values)}: each must be a number from {MIN_SCALE:g} (1/16) to {MAX_SCALE:g}, "
+                          f"not {', '.join(map(str, bad))} (e.g. 0.7071 1 1.4142)")
     repeated = sorted({s for s in values if values.count(s) > 1})
     if repeated:
         raise OptionError(f"{what} {list(values)} name {', '.join(map(str, repeated))} more than once; give each "

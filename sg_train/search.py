@@ -15,6 +15,8 @@ inner-product index (:func:`sg_train.retrieval.faiss_search`; on a GPU when fais
     {"index": DIR, "checkpoint": CKPT, "backend": "exact"|"faiss", "top_k": k,
      "results": [{"query": path, "matches": [{"rank": 1, "file": path, "similarity": s}, ...]}, ...]}
 
+A query file name must be valid UTF-8 (it is printed); one holding a line break needs ``--json``.
+
 Bad input: one line on stderr and exit status 1; a bug: its traceback.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sg_train.embed import Embeddings, collect_images
@@ -32,6 +35,23 @@ if TYPE_CHECKING:
     from sg_train.embedder import Embedder
 
 __all__ = ["format_results", "load_index_model", "main", "search_gallery"]
+
+
+def _query_name_rule(as_json: bool) -> Callable[[str], str]:
+    """The check of each query file name (``collect_images``' ``check_name``): valid UTF-8 (it is
+    printed), and without a line break in the text output, one line per query and per match (JSON
+    escapes it). A tab is kept: the text output separates its columns with spaces."""
+    def check(path: str) -> str:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserInputError(f"query file name {path.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8 "
+                                 "and cannot be printed; rename the file (e.g. convmv -f latin1 -t utf8)") from None
+        if not as_json and any(c in path for c in "\n\r"):
+            raise UserInputError(f"query file name {path!r} holds a line break, which the text output (one line per "
+                                 "query and per match) cannot print; pass --json (JSON escapes it) or rename the file")
+        return path
+    return check
 
 
 def load_index_model(index: Embeddings, checkpoint: str | os.PathLike | None = None, *,
@@ -118,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         index = Embeddings.open(args.index)
-        queries = collect_images(args.queries).files
+        queries = collect_images(args.queries, check_name=_query_name_rule(args.json)).files
         if not queries:
             raise UserInputError(f"no query images in {args.queries}")
         embedder = load_index_model(index, args.ckpt, device=args.device)

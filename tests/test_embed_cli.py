@@ -17,6 +17,7 @@ from child_env import child_env
 from sg_train import embed, search
 from sg_train.embed import EmbedOutputError, Embeddings, collect_images, embed_files
 from sg_train.embedder import Embedder, load_model
+from sg_train.errors import UserInputError
 from test_embedder import write_checkpoint
 
 CHUNK = 2  # files per chunk: the 9 gallery files make 5 chunks
@@ -254,3 +255,70 @@ def test_search_names_an_index_that_is_a_file(gallery, tmp_path, capsys, under):
     why = f"is inside {existing}, which is a file, not a folder" if under else "is a file, not a folder"
     assert err.count("\n") == 1 and f"embedding folder {index} {why}; give the folder" in err
     assert "python -m sg_train.embed" in err
+
+
+@pytest.mark.parametrize("option, culprit", [
+    (["--scales", "nan"], "nan"), (["--scales", "1", "1000"], "not 1000.0"), (["--scales", "1e-9"], "not 1e-09"),
+    (["--protocol", "nope"], "unknown evaluation protocol 'nope'"), (["--batch-size", "0"], "--batch-size"),
+    (["--chunk-size", "0"], "--chunk-size"),
+], ids=["nan", "1000", "1e-9", "protocol", "batch-size", "chunk-size"])
+def test_bad_options_are_named_before_the_output_folder_and_the_model(checkpoint, gallery, reference, tmp_path,
+                                                                        capsys, monkeypatch, option, culprit):
+    """--scales 1000 died in the allocator and 1e-9 embedded 1-px images; on a finished --out, --scales nan
+    was reported as "holds a finished embedding"; --batch-size 0 failed after the model was loaded,
+    leaving chunks/ behind."""
+    import sg_train.embedder
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(sg_train.embedder, "load_model", no_model)
+    for out in (reference.out_dir, tmp_path / "new"):  # a finished output, and one not made yet
+        argv = [str(checkpoint), str(gallery), "--out", str(out), "--no-progress", *option]
+        assert embed.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and culprit in err and "finished embedding" not in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_of_unreadable_images_is_an_error_naming_it_and_its_reasons(checkpoint, embedder, gallery, tmp_path,
+                                                                               capsys):
+    """It exited 0 with a "finished" 0 x D output."""
+    broken = tmp_path / "broken photos"
+    broken.mkdir()
+    shutil.copy(gallery / "broken.jpg", broken / "a.jpg")
+    (broken / "b.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    argv = [str(checkpoint), str(broken), "--out", str(out), "--no-progress"]
+    assert embed.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"none of the 2 images under {broken} could be read" in err, err
+    assert str(broken / "a.jpg") in err and str(out / "skipped.tsv") in err
+    assert not (out / "embed.json").exists() and not (out / "descriptors.npy").exists()
+    assert (out / "notes.txt").read_text() == "keep me"
+    skipped = (out / "skipped.tsv").read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[0] for line in skipped] == ["path", str(broken / "a.jpg"), str(broken / "b.png")]
+    with pytest.raises(EmbedOutputError, match="holds no finished embedding"):
+        Embeddings.open(out)
+    assert embed.main(argv) == 1  # the same command: the same error, nothing embedded again
+    assert "none of the 2 images" in capsys.readouterr().err
+    with pytest.raises(UserInputError, match="none of the 2 images"):
+        embed_files(embedder, [str(broken / "a.jpg"), str(broken / "b.png")], tmp_path / "api", progress=False)
+
+
+def test_search_takes_a_query_whose_name_holds_a_line_break_in_json_and_names_it_in_text(reference, tmp_path,
+                                                                                          capsys):
+    """search writes neither files.txt nor skipped.tsv: embed's listing rule refused such a query with
+    a message about them."""
+    query = tmp_path / "two\nlines.jpg"
+    shutil.copy(reference.files[0], query)
+    assert search.main(["--index", str(reference.out_dir), str(query), "--top-k", "1", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["results"][0]["query"] == str(query)
+    assert found["results"][0]["matches"][0]["file"] == reference.files[0]
+    assert search.main(["--index", str(reference.out_dir), str(query)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "files.txt" not in err and "skipped.tsv" not in err
+    assert "holds a line break" in err and "--json" in err

@@ -124,3 +124,37 @@ def test_usage_errors(files, capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate_cli.main(["--gnd", str(files["gnd"])])
     assert exc.value.code == 2 and "--descriptors" in capsys.readouterr().err
+
+
+def test_rows_that_are_not_unit_length_are_refused_naming_file_row_and_norm(files, tmp_path, capsys, monkeypatch):
+    """X scaled by 7 kept the global mAP but changed SuperGlobal reranking (33.61 -> 26.48) silently."""
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched before the rows were checked")
+
+    monkeypatch.setattr(evaluate_cli, "evaluate_sweep", no_search)
+    Q, X = np.load(files["Q"]), np.load(files["X"])
+    bad = tmp_path / "bad.npy"
+    np.save(bad, X * 7)  # fp16, as the fixture's database
+    code, out, err = run_main(capsys, "--descriptors", files["Q"], bad, "--gnd", files["gnd"], "--rerank")
+    assert code == 1 and err.count("\n") == 1
+    norm = np.linalg.norm((X * 7)[0].astype(np.float64))  # 6.99963: fp16 rounds the product
+    assert f"database descriptor file {bad}: row 0 has L2 norm {norm:.6g}, not 1" in err and "L2-normalise" in err
+    X32 = X.astype(np.float32)
+    X32[57] *= 1.002  # beyond fp32's 1e-3
+    np.save(bad, X32)
+    _expect_error(capsys, ["--descriptors", files["Q"], bad, "--gnd", files["gnd"]],
+                  f"row 57 has L2 norm {np.linalg.norm(X32[57].astype(np.float64)):.6g}, not 1 (tolerance 0.001")
+    Q2 = Q.copy()
+    Q2[3] *= 0.5
+    np.save(bad, Q2)
+    _expect_error(capsys, ["--descriptors", bad, files["X"], "--gnd", files["gnd"]],
+                  f"query descriptor file {bad}: row 3 has L2 norm 0.5")
+
+
+def test_fp16_rounding_of_unit_rows_is_accepted(files, tmp_path, capsys):
+    X = np.load(files["X"]).astype(np.float32)
+    X[5] *= 1.004  # within fp16's looser tolerance
+    path = tmp_path / "X16.npy"
+    np.save(path, X.astype(np.float16))
+    code, out, err = run_main(capsys, "--descriptors", files["Q"], path, "--gnd", files["gnd"])
+    assert code == 0, err

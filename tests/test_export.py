@@ -279,6 +279,7 @@ def test_an_out_that_is_a_file_or_inside_one_is_refused_before_any_work(gem_chec
 @pytest.mark.parametrize("scales, culprit", [
     (["1", "1"], "1.0 more than once"), (["0.7071", "1", "0.7071"], "0.7071 more than once"), (["1", "0"], "0.0"),
     (["1", "-1"], "-1.0"), (["1", "nan"], "nan"), (["inf"], "inf"),
+    (["1", "1000"], "from 0.0625 (1/16) to 4, not 1000.0"), (["1e-9"], "not 1e-09"),
 ])
 def test_repeated_or_non_positive_scales_are_refused(gem_checkpoint, tmp_path, capsys, scales, culprit):
     assert main(["--checkpoint", str(gem_checkpoint), "--out", str(tmp_path), "--scales", *scales]) == 1
@@ -288,16 +289,17 @@ def test_repeated_or_non_positive_scales_are_refused(gem_checkpoint, tmp_path, c
 
 
 def test_scales_that_would_make_the_check_image_too_large_are_refused(gem_checkpoint, tmp_path, capsys):
-    """The check image is sized for the smallest scale (example_size: 6400 x 9600 px at 0.01 for a
-    ResNet's 32 px stride without R-GeM); the largest scale then runs the model on more than
-    MAX_CHECK_SIDE px a side."""
-    assert main(["--checkpoint", str(gem_checkpoint), "--out", str(tmp_path), "--scales", "0.01", "1"]) == 1
+    """The check image is sized for the smallest scale (example_size: 1024 x 1536 px at 1/16, the
+    smallest scale check_scales allows, for a ResNet's 32 px stride without R-GeM); the largest scale
+    then runs the model on more than MAX_CHECK_SIDE px a side."""
+    assert main(["--checkpoint", str(gem_checkpoint), "--out", str(tmp_path), "--scales", "0.0625", "2"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--scales" in err and "6400 x 9600" in err and str(MAX_CHECK_SIDE) in err
-    with pytest.raises(OptionError, match=r"9600 px"):  # one small scale alone: the input itself is that large
-        export_model(EmbeddingModel("resnet18", "gem", 8, scales=(0.01,)), tmp_path)
-    with pytest.raises(OptionError, match=r"182 x 227 .*at scale 12"):  # R-GeM: 227 px x 12 > 2048
-        export_model(EmbeddingModel("resnet18", "rgem+gem", 8, scales=(0.7071, 12.0)), tmp_path)
+    assert err.count("\n") == 1 and "--scales" in err and "1024 x 1536" in err and "3072 px a side at scale 2" in err
+    assert str(MAX_CHECK_SIDE) in err
+    with pytest.raises(OptionError, match=r"2560 px a side as is"):  # R-GeM at 1/16 alone: the input is that large
+        export_model(EmbeddingModel("resnet18", "rgem+gem", 8, scales=(0.0625,)), tmp_path)
+    with pytest.raises(OptionError, match=r"512 x 640 .*at scale 4"):  # R-GeM: 640 px x 4 > 2048
+        export_model(EmbeddingModel("resnet18", "rgem+gem", 8, scales=(0.25, 4.0)), tmp_path)
     with pytest.raises(OptionError, match=r"3000 x 64 px images \(the size asked for\).*trace at a smaller size"):
         export_model(EmbeddingModel("resnet18", "gem", 8), tmp_path, size=(3000, 64))
     assert not any(tmp_path.iterdir())

@@ -11,7 +11,7 @@ from sg_train.backbone import create_backbone, load_backbone_weights
 from sg_train.weights_io import WeightsMismatchError, read_state_dict
 from sg_train.errors import OptionError
 from sg_train.eval_protocols import ProtocolError, resolve_protocol
-from sg_train.model import EmbeddingModel, check_scales, resize_for_scale
+from sg_train.model import MAX_SCALE, MIN_SCALE, EmbeddingModel, check_scales, resize_for_scale
 from sg_train.pooling import gem, regional_gem
 
 SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
@@ -246,7 +246,8 @@ def test_missing_and_unreadable_files(tmp_path):
 
 @pytest.mark.parametrize("scales, message", [
     ((), "is empty"), ((1.0, float("nan")), "not nan"), ((float("inf"),), "not inf"), ((1.0, 0.0), "not 0.0"),
-    ((0.7071, 1.0, 0.7071), "0.7071 more than once"),
+    ((0.7071, 1.0, 0.7071), "0.7071 more than once"), ((1.0, 1000.0), "from 0.0625 .* to 4, not 1000.0"),
+    ((1e-9,), "not 1e-09"), ((0.0624, 4.01), "not 0.0624, 4.01"),
 ])
 def test_every_scale_list_is_checked_by_one_rule(scales, message):
     """The model, the evaluation protocols (evaluate.py/embed --scales) and export share check_scales:
@@ -257,3 +258,10 @@ def test_every_scale_list_is_checked_by_one_rule(scales, message):
         EmbeddingModel("resnet18", "gem", 8, scales=scales)
     with pytest.raises(ProtocolError, match=message):
         resolve_protocol("revisitop", scales=scales)
+
+
+def test_scales_from_one_sixteenth_to_four_are_accepted():
+    """MIN_SCALE and MAX_SCALE are inside the range: scale 1000 asked for 393 GB at once, 1e-9 shrank
+    every image to 1 px."""
+    assert (MIN_SCALE, MAX_SCALE) == (1 / 16, 4.0)
+    assert check_scales([MIN_SCALE, 1, MAX_SCALE]) == (0.0625, 1.0, 4.0)
