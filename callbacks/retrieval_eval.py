@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.last_checkpoint import LastCheckpoint
+from datamodules.labelled import BENCHMARK_NAME
 from datamodules.revisited import RevisitedDataset
 from sg_train.descriptor_cache import model_fingerprint
 from sg_train.eval_protocols import resolve_protocol
@@ -41,6 +42,7 @@ from sg_train.retrieval import (
     evaluate_descriptors,
     evaluate_labelled,
     format_results_table,
+    labelled_metric_names,
     required_rank_columns,
 )
 from sg_train.retrieval.examples import (
@@ -223,6 +225,32 @@ class RetrievalEvalCallback(Callback):
                 k=min(self.examples_k, len(database)), **rerank)
         if self.held_out:
             self._setup_held_out(trainer, preprocessing, rerank)
+        if stage == "fit":
+            self._check_checkpoint_monitors(trainer)
+
+    def metric_names(self) -> list[str]:
+        """Every ``retrieval/<dataset>/<metric>`` this callback logs, as configured."""
+        revisited = [f"mAP_{p}" for p in PROTOCOLS]
+        labelled = labelled_metric_names(self.ks)
+        names = []
+        for dataset, metrics in [(name, revisited) for name in self.datasets] + (
+                [(BENCHMARK_NAME, labelled)] if self.held_out else []):
+            names += [f"retrieval/{dataset}/{m}" for m in metrics]
+            names += [f"retrieval/{dataset}/rerank_{m}" for m in metrics] if self.rerank else []
+        return names
+
+    def _check_checkpoint_monitors(self, trainer: pl.Trainer) -> None:
+        """Before the first step: a checkpoint monitoring a ``retrieval/`` metric this callback does
+        not log would stop the run at its first save, after an epoch of training, having saved nothing."""
+        logged = self.metric_names()
+        for callback in trainer.checkpoint_callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if monitor and monitor.startswith("retrieval/") and monitor not in logged:
+                raise OptionError(
+                    f"{type(callback).__name__}(monitor={monitor!r}) watches a metric this run never logs: the "
+                    f"retrieval callback logs {', '.join(logged[:6])}{' ...' if len(logged) > 6 else ''}; monitor "
+                    "one of them (edit the ModelCheckpoint entry in a copy of the config), or evaluate that dataset"
+                )
 
     def _setup_held_out(self, trainer: pl.Trainer, preprocessing: dict[str, Any], rerank: dict[str, Any]) -> None:
         datamodule = trainer.datamodule

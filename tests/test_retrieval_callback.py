@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 import numpy as np
 import pytest
 import yaml
@@ -15,6 +16,7 @@ from child_env import child_env
 from callbacks.retrieval_eval import RetrievalEvalCallback
 from datamodules.gldv2 import GLDv2DataModule
 from datamodules.labelled import LabelledImagesDataModule
+from sg_train.errors import OptionError
 from sg_train.module import LandmarkRetrievalModule
 from sg_train.synthetic.class_folders import generate_class_folders
 
@@ -112,7 +114,7 @@ def test_ddp_held_out_photos_give_the_single_process_numbers_exactly(tmp_path):
     config["data"]["init_args"].update(images=str(photos), image_size=64, batch_size=8, num_workers=0, val_fraction=0.4)
     retrieval = {"held_out": True, "ks": [1, 5], "M": 6, "K": 2}
     metrics = validate_on_one_and_two_processes(config, retrieval, tmp_path)
-    assert {"retrieval/held_out/mAP@5", "retrieval/held_out/rerank_MAP@R"} <= set(metrics)
+    assert sorted(metrics) == sorted(RetrievalEvalCallback(**retrieval).metric_names())  # what the monitor check knows
     (split_file,) = (photos / ".sg-train").glob("held_out_*.json")
     assert len(json.loads(split_file.read_text())["held_out"]) == 15  # 3 of each class of 7
 
@@ -142,3 +144,20 @@ def test_a_held_out_photo_cut_short_is_left_out_of_the_benchmark_not_the_run(tmp
     assert 0.0 <= float(trainer.callback_metrics["retrieval/held_out/MAP@R"]) <= 1.0
     assert data.held_out_digest() == digest  # a resume is not refused for it
     assert victim.name not in {Path(p).name for p in np.array(data.data.paths)[~data.held_out]}  # nor trained on
+
+
+def test_a_checkpoint_monitoring_a_metric_never_logged_stops_before_the_first_step(synthetic_data, tmp_path):
+    """The CFCD configs monitor roxford5k; evaluating only rsynth used to train a whole epoch and
+    then stop at the first save with nothing saved."""
+    callback = tiny_callback(synthetic_data)
+    assert callback.metric_names() == [f"retrieval/rsynth/{m}" for m in ("mAP_E", "mAP_M", "mAP_H", "rerank_mAP_E",
+                                                                         "rerank_mAP_M", "rerank_mAP_H")]
+    datamodule = GLDv2DataModule(str(synthetic_data / "gldv2"), csv="train.csv", image_size=64, batch_size=8, num_workers=0)
+    watch = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="retrieval/roxford5k/mAP_M", mode="max")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback, watch], default_root_dir=tmp_path,
+                         max_epochs=1, enable_progress_bar=False)
+    module = tiny_module(datamodule.num_classes)
+    with pytest.raises(OptionError, match=r"monitor='retrieval/roxford5k/mAP_M'\) watches a metric this run never "
+                                          r"logs: the retrieval callback logs retrieval/rsynth/mAP_E"):
+        trainer.fit(module, datamodule)
+    assert trainer.global_step == 0

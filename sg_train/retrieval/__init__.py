@@ -25,7 +25,7 @@ from .ground_truth import (
                            query_gnd,
                            validate_gnd,
 )
-from .labelled_metrics import labelled_retrieval_metrics, required_rank_columns
+from .labelled_metrics import labelled_metric_names, labelled_retrieval_metrics, required_rank_columns
 from .query_expansion import alpha_dba, alpha_qe
 from .rerank import check_rerank_params, superglobal_rerank
 from .revisited_map import revisited_map, revisited_map_topk
@@ -49,7 +49,7 @@ __all__ = [
     "alpha_dba", "alpha_qe", "best_point", "check_rerank_params", "check_sweep_point", "dataset_name",
     "evaluate_descriptors", "evaluate_labelled", "evaluate_sweep", "format_sweep_table", "rank_descriptors",
     "sweep_points", "sweep_score",
-    "faiss_gpu_available", "labelled_retrieval_metrics", "required_rank_columns",
+    "faiss_gpu_available", "labelled_metric_names", "labelled_retrieval_metrics", "required_rank_columns",
     "faiss_search",
     "format_results_table", "load_gnd", "query_gnd", "revisited_map", "revisited_map_topk", "search",
     "search_with_tail", "superglobal_rerank", "tail_positions", "validate_gnd",

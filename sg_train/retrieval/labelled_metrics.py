@@ -20,7 +20,7 @@ import torch
 
 from ._checks import RetrievalInputError, as_index_tensor, dtype_name
 
-__all__ = ["labelled_retrieval_metrics", "required_rank_columns"]
+__all__ = ["labelled_metric_names", "labelled_retrieval_metrics", "required_rank_columns"]
 
 # Elements (queries x ranked columns) handled per block: about 30 bytes each in the work arrays.
 _BLOCK_ELEMENTS = 1 << 21
@@ -226,9 +226,13 @@ def labelled_retrieval_metrics(ranks, query_labels, gallery_labels, ks: Sequence
         _check_block(part, ng, q0)
         sums += _block_sums(part, plan, rows)
     values = (sums / n_scored).tolist()
-    keys = (["precision@1"] + [f"recall@{k}" for k in plan.ks] + [f"mAP@{k}" for k in plan.ks]
-            + ["MAP@R", "R-precision"])
-    return {**dict(zip(keys, values)), "num_queries_scored": n_scored}
+    return {**dict(zip(labelled_metric_names(plan.ks), values)), "num_queries_scored": n_scored}
+
+
+def labelled_metric_names(ks: Sequence[int]) -> list[str]:
+    """The metrics :func:`labelled_retrieval_metrics` returns for ``ks``, in its order (without
+    ``num_queries_scored``): ``precision@1``, ``recall@k`` and ``mAP@k`` per k, ``MAP@R``, ``R-precision``."""
+    return ["precision@1"] + [f"recall@{k}" for k in ks] + [f"mAP@{k}" for k in ks] + ["MAP@R", "R-precision"]
 
 
 def _check_block(part: np.ndarray, n_gallery: int, q0: int) -> None:
