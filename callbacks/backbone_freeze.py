@@ -81,7 +81,8 @@ class BackboneFreeze(BaseFinetuning):
 
     Raises:
         OptionError: ``unfreeze_at_epoch`` is not a whole number >= 0 (at construction); the
-            module has no ``model.backbone`` module (at setup); the run has frozen epochs and is
+            module has no ``model.backbone`` module, or has frozen epochs and starts from random
+            weights (at setup); the run has frozen epochs and is
             distributed other than by torch DDP with ``find_unused_parameters=True`` and no
             ``static_graph`` (at fit start).
     """
@@ -99,9 +100,20 @@ class BackboneFreeze(BaseFinetuning):
         self._frozen_params: list[nn.Parameter] = []  # the parameters this callback set requires_grad=False on
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        """Check that the module has a backbone to freeze; the freeze itself waits for the first
-        epoch (see the class notes: the optimizer and the DDP wrapper must see it trainable)."""
+        """Check that the module has a backbone to freeze, and (for a module configured with
+        ``init_from``/``pretrained_weights``, as :class:`~sg_train.module.LandmarkRetrievalModule`
+        is) that it starts from weights: freezing a randomly initialised backbone trains the head on
+        random features. The freeze itself waits for the first epoch (see the class notes: the
+        optimizer and the DDP wrapper must see it trainable)."""
         _backbone(pl_module)
+        hparams = getattr(pl_module, "hparams", {})
+        if (self.unfreeze_at_epoch > 0 and "init_from" in hparams and not hparams.get("init_from")
+                and not hparams.get("pretrained_weights")):
+            raise OptionError(
+                f"BackboneFreeze(unfreeze_at_epoch={self.unfreeze_at_epoch}) keeps the backbone as it starts, but this "
+                "run starts it from random weights (model.init_from and model.pretrained_weights are both unset): "
+                "give --model.init_from <checkpoint> (or model.pretrained_weights <file>), or drop BackboneFreeze"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)

@@ -55,7 +55,8 @@ class LandmarkRetrievalModule(pl.LightningModule):
         min_lr_ratio: the cosine schedule's final learning rate relative to the peak.
         init_from: an sg-train or CVNet checkpoint to start from (fine-tuning): the configured
             embedding model must be the file's (its stored configuration) and its weights must fit
-            (see :func:`sg_train.finetune.load_finetune_weights`).
+            (see :func:`sg_train.finetune.load_finetune_weights`). Not together with
+            ``pretrained_weights`` (OptionError): its backbone would replace the file's.
         class_transfer: how ``init_from``'s class weights reach this run's classes: "name" (classes
             of the same name), "landmark_id" (GLDv2 landmark ids) or "none" (all fresh). The log
             lists the classes copied and the new ones.
@@ -100,6 +101,9 @@ class LandmarkRetrievalModule(pl.LightningModule):
         for what, labels in (("landmark_ids", self.landmark_ids), ("class_names", self.class_names)):
             if labels is not None and len(labels) != num_classes:
                 raise OptionError(f"{len(labels)} {what} for num_classes={num_classes}; they describe the classes in order")
+        if init_from and pretrained_weights:
+            raise OptionError(f"give model.init_from ({init_from}) or model.pretrained_weights ({pretrained_weights}), "
+                              "not both: init_from's backbone would replace the weights file's")
         if class_transfer not in CLASS_TRANSFERS:
             raise OptionError(f"class_transfer must be one of {CLASS_TRANSFERS}, got {class_transfer!r}")
         if not (math.isfinite(local_triplet_weight) and local_triplet_weight >= 0):

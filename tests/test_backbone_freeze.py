@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from callbacks.backbone_freeze import FROZEN_METRIC, BackboneFreeze
 from child_env import child_env
 from datamodules.gldv2 import GLDv2DataModule
+from sg_train.backbone import create_backbone
 from sg_train.errors import OptionError
 from sg_train.module import LandmarkRetrievalModule
 from sg_train.run_folder import earlier_run_files
@@ -100,9 +101,19 @@ class Recorder(Callback):
         return modes
 
 
-def make_module(**changes) -> LandmarkRetrievalModule:
-    options = dict(num_classes=12, backbone="resnet18", head="gem", embedding_dim=16, backbone_lr_mult=BACKBONE_LR_MULT)
-    return LandmarkRetrievalModule(**{**options, **changes})
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """A resnet18 backbone weights file (random values: what counts is that the run starts from a
+    file, as BackboneFreeze asks)."""
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(create_backbone("resnet18").state_dict(), path)
+    return str(path)
+
+
+def make_module(weights: str, cls: type = LandmarkRetrievalModule, **changes) -> LandmarkRetrievalModule:
+    options = dict(num_classes=12, backbone="resnet18", head="gem", embedding_dim=16, backbone_lr_mult=BACKBONE_LR_MULT,
+                   pretrained_weights=weights)
+    return cls(**{**options, **changes})
 
 
 def make_datamodule(synthetic_data: Path) -> GLDv2DataModule:
@@ -128,13 +139,13 @@ def logged_frozen(trainer: pl.Trainer) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def frozen_run(tmp_path_factory, synthetic_data):
+def frozen_run(tmp_path_factory, synthetic_data, weights):
     """A 3-epoch fit with ``BackboneFreeze(unfreeze_at_epoch=2)``, a checkpoint after every epoch."""
     root = tmp_path_factory.mktemp("frozen_run")
     pl.seed_everything(0)
     recorder = Recorder()
     checkpoints = ModelCheckpoint(root / "ckpt", filename="e{epoch}", auto_insert_metric_name=False, save_top_k=-1)
-    module = make_module()
+    module = make_module(weights)
     trainer = fit(root, synthetic_data, module, [BackboneFreeze(unfreeze_at_epoch=UNFREEZE_AT), recorder, checkpoints])
     return trainer, module, recorder, root / "ckpt"
 
@@ -171,10 +182,11 @@ def test_checkpoints_hold_no_callback_state(frozen_run):
     assert not [key for key in saved["callbacks"] if "BackboneFreeze" in key]
 
 
-def test_resume_from_a_frozen_epoch_stays_frozen_until_the_unfreeze_epoch(frozen_run, synthetic_data, tmp_path):
+def test_resume_from_a_frozen_epoch_stays_frozen_until_the_unfreeze_epoch(frozen_run, synthetic_data, tmp_path,
+                                                                          weights):
     _, _, _, ckpt_dir = frozen_run
     recorder = Recorder()
-    trainer = fit(tmp_path, synthetic_data, make_module(), [BackboneFreeze(unfreeze_at_epoch=UNFREEZE_AT), recorder],
+    trainer = fit(tmp_path, synthetic_data, make_module(weights), [BackboneFreeze(unfreeze_at_epoch=UNFREEZE_AT), recorder],
                   ckpt_path=ckpt_dir / "e0.ckpt")
     saved = torch.load(ckpt_dir / "e0.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     start = recorder.states["start"]["backbone"]
@@ -185,10 +197,11 @@ def test_resume_from_a_frozen_epoch_stays_frozen_until_the_unfreeze_epoch(frozen
 
 
 @pytest.mark.filterwarnings("ignore:resuming at step")  # max_epochs 3 -> 4 redraws the LR schedule
-def test_resume_after_unfreezing_trains_the_backbone_from_the_first_batch(frozen_run, synthetic_data, tmp_path):
+def test_resume_after_unfreezing_trains_the_backbone_from_the_first_batch(frozen_run, synthetic_data, tmp_path,
+                                                                         weights):
     _, _, _, ckpt_dir = frozen_run
     recorder = Recorder()
-    trainer = fit(tmp_path, synthetic_data, make_module(), [BackboneFreeze(unfreeze_at_epoch=UNFREEZE_AT), recorder],
+    trainer = fit(tmp_path, synthetic_data, make_module(weights), [BackboneFreeze(unfreeze_at_epoch=UNFREEZE_AT), recorder],
                   ckpt_path=ckpt_dir / "e2.ckpt", max_epochs=EPOCHS + 1)
     assert recorder.modes() == {3: {"trained"}} and len(recorder.batches) == 3
     assert not same(recorder.states[3]["backbone"], recorder.states["start"]["backbone"])
@@ -204,10 +217,10 @@ class TrainAfterValidation(LandmarkRetrievalModule):
 
 
 def test_a_run_that_never_unfreezes_warns_keeps_batch_norm_in_eval_after_validation_and_restores_the_module(
-    synthetic_data, tmp_path
+    synthetic_data, tmp_path, weights
 ):
     recorder = Recorder()
-    module = TrainAfterValidation(num_classes=12, backbone="resnet18", head="gem", embedding_dim=16)
+    module = make_module(weights, TrainAfterValidation)
     kept = module.model.backbone.conv1.weight
     kept.requires_grad_(False)  # frozen by the user before the run: the optimizer leaves it out
     with pytest.warns(UserWarning, match="never trained"):
@@ -234,6 +247,17 @@ def test_a_module_without_a_backbone_is_refused_at_setup(tmp_path):
 
     with pytest.raises(OptionError, match="model.backbone"):
         BackboneFreeze().setup(pl.Trainer(accelerator="cpu", logger=False), NoBackbone(), "fit")
+
+
+def test_frozen_epochs_of_a_backbone_with_random_weights_are_refused_at_setup(weights):
+    trainer = pl.Trainer(accelerator="cpu", logger=False)
+    with pytest.raises(OptionError, match=r"BackboneFreeze\(unfreeze_at_epoch=2\) keeps the backbone as it starts, "
+                                          r"but this run starts it from random weights.*--model.init_from"):
+        BackboneFreeze(unfreeze_at_epoch=2).setup(trainer, make_module(None), "fit")
+    BackboneFreeze(unfreeze_at_epoch=0).setup(trainer, make_module(None), "fit")  # never frozen: fine
+    BackboneFreeze(unfreeze_at_epoch=2).setup(trainer, make_module(weights), "fit")
+    with pytest.raises(OptionError, match=r"give model.init_from .* or model.pretrained_weights .*, not both"):
+        make_module(weights, init_from="runs/demo/checkpoints/last.ckpt")
 
 
 # ------------------------------------------------------------------------------ DDP (2 CPU processes)
@@ -266,7 +290,9 @@ class RecordBackbone(Callback):
 def run_ddp(tmp_path: Path, synthetic_data: Path, strategy: str) -> subprocess.CompletedProcess:
     """``train.py fit`` on 2 CPU processes, 2 epochs of 2 steps, BackboneFreeze(unfreeze_at_epoch=1)
     from the YAML config (the ``trainer.callbacks`` entry the README shows)."""
-    config_path = write_config(tmp_path, synthetic_data, backbone_lr_mult=BACKBONE_LR_MULT)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(create_backbone("resnet18").state_dict(), weights)
+    config_path = write_config(tmp_path, synthetic_data, backbone_lr_mult=BACKBONE_LR_MULT, pretrained_weights=str(weights))
     config = yaml.safe_load(config_path.read_text())
     config["trainer"]["callbacks"].append(
         {"class_path": "callbacks.backbone_freeze.BackboneFreeze", "init_args": {"unfreeze_at_epoch": 1}}
