@@ -72,6 +72,7 @@ from sg_train.extraction import bind_protocol, extract_all  # noqa: E402
 from sg_train.figures import example_grid  # noqa: E402
 from sg_train.run_folder import check_writable_dir  # noqa: E402
 from sg_train.retrieval.examples import revisited_examples, select_queries  # noqa: E402
+from sg_train.devices import resolve_device  # noqa: E402
 from sg_train.files import why_not_a_folder, write_json  # noqa: E402
 from sg_train.inference import model_from_checkpoint, model_from_cvnet  # noqa: E402
 from sg_train.model import EmbeddingModel  # noqa: E402
@@ -327,7 +328,7 @@ def evaluate_model(args: argparse.Namespace, points: list[SweepPoint]) -> dict[s
     protocol = protocol_of(args)
     model = load_model(args)
     extractor = bind_protocol(model, protocol)  # refuses a model whose colours contradict the protocol
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     extractor.to(device)
     print(f"evaluation protocol: {protocol.summary()}", flush=True)
     preprocessing = {"mean": model.mean, "std": model.std, "input_format": model.input_format, "protocol": protocol}
@@ -501,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--examples and --examples-k must be >= 1, got {args.examples} and {args.examples_k}")
     try:
         check_output_paths(args)
+        resolve_device(args.device)  # a device that cannot work fails before the model is read
         if args.examples_dir:  # before any extraction: a folder that cannot be written fails at once
             check_writable_dir(args.examples_dir, "--examples-dir folder", "give --examples-dir a folder you can write")
         if args.wandb is not None:  # decided before any work: a bad WANDB_MODE fails at once

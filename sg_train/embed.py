@@ -499,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         from sg_train.eval_protocols import get_protocol  # noqa: PLC0415 - torch only once the arguments parse
         from sg_train.model import check_scales  # noqa: PLC0415
 
+        from sg_train.devices import resolve_device  # noqa: PLC0415
+
         get_protocol(args.protocol)
+        device = resolve_device(args.device)
         if args.scales is not None:
             check_scales(args.scales, "--scales")
         found = collect_images(args.images, recursive=args.recursive)
@@ -511,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             _refuse_finished(Path(args.out))
         from sg_train.embedder import load_model  # noqa: PLC0415 - torch only once the arguments are good
 
-        embedder = load_model(args.checkpoint, protocol=args.protocol, scales=args.scales, device=args.device)
+        embedder = load_model(args.checkpoint, protocol=args.protocol, scales=args.scales, device=device)
         result = embed_files(embedder, found.files, args.out, batch_size=args.batch_size, chunk_size=args.chunk_size,
                              overwrite=args.overwrite, progress=not args.no_progress,
                              record_extra={"non_image_files": found.non_images, "duplicates": found.duplicates})

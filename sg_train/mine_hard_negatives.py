@@ -484,27 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str | None, local_rank: int, world_size: int) -> torch.device:
-    import torch  # noqa: PLC0415
-
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MiningError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MiningError(f"--device {name}: this machine has no CUDA device; use --device cpu")
-        if device.index is None and world_size > 1:
-            device = torch.device("cuda", local_rank)
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise MiningError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices here")
-    elif device.type != "cpu":
-        raise MiningError(f"--device {name!r}: use cpu or cuda")
-    return device
-
-
 @dataclass(frozen=True)
 class MiningReport:
     """What one process did: ``mined`` chunks and their ``images``, the ``unreadable`` ones among them,
@@ -551,7 +530,9 @@ def plan_mining(args: argparse.Namespace, argv: Sequence[str]) -> MiningPlan:
             raise MiningError(f"{option} {path} not found: give {what}, e.g. {example}")
     if out.exists() and not out.is_dir():
         raise MiningError(f"--out {out} is a file, not a folder: choose a folder for the hard negatives")
-    device = _device(args.device, local_rank, world)
+    from sg_train.devices import resolve_device  # noqa: PLC0415 - torch once the arguments are read
+
+    device = resolve_device(args.device, local_rank=local_rank, world_size=world)
     datamodule = load_training_data(args.config)
     if args.top_n >= datamodule.num_classes:
         raise MiningError(f"--top-n {args.top_n} must be below the class count {datamodule.num_classes} (the wrong "

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sg_train.embed import Embeddings, collect_images
-from sg_train.errors import UserInputError, user_error_line
+from sg_train.errors import OptionError, UserInputError, user_error_line
 
 if TYPE_CHECKING:
     from sg_train.embedder import Embedder
@@ -137,11 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.top_k < 1 or args.batch_size < 1:  # before the model is loaded
+            raise OptionError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
+        from sg_train.devices import resolve_device  # noqa: PLC0415 - torch once the arguments are read
+
+        device = resolve_device(args.device)
         index = Embeddings.open(args.index)
         queries = collect_images(args.queries, check_name=_query_name_rule(args.json)).files
         if not queries:
             raise UserInputError(f"no query images in {args.queries}")
-        embedder = load_index_model(index, args.ckpt, device=args.device)
+        embedder = load_index_model(index, args.ckpt, device=device)
         results = search_gallery(index, embedder, queries, top_k=args.top_k, use_faiss=args.faiss,
                                  batch_size=args.batch_size)
     except Exception as exc:
