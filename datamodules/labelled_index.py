@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 from sg_train.errors import UserInputError
 from sg_train.files import write_json
+from sg_train.finetune import class_name_key
 from sg_train.image_io import IMAGE_EXTENSIONS
 
 from .image_dataset import pixel_box
@@ -145,7 +146,7 @@ def _check_name_collisions(names: Sequence[str], source: str, what: str) -> None
     seen: dict[str, str] = {}
     numbers: dict[int, str] = {}
     for name in names:
-        key = _nfc(name).casefold()
+        key = class_name_key(name)
         if key in seen and seen[key] != name:
             raise LabelledDataError(
                 f"{source}: {what} {seen[key]!r} and {name!r} are the same name after Unicode normalisation and "

@@ -76,6 +76,13 @@ def check_configured_as_stored(model: EmbeddingModel, checkpoint: dict[str, Any]
 
 #: how class weights are carried over to a run on other classes
 CLASS_TRANSFERS = ("name", "landmark_id", "none")
+
+
+def class_name_key(name: str) -> str:
+    """What makes two class names one class: Unicode NFC, case-folded ('Hôtel de Ville', decomposed
+    or not, is 'hôtel de ville'). The photo data check refuses two classes of one key; fine-tuning
+    copies class weights between names of one key."""
+    return unicodedata.normalize("NFC", str(name)).casefold()
 _SHOWN = 12  # class names listed in the log line
 
 
@@ -117,9 +124,7 @@ def transfer_class_weights(
                               "and CSVs have class names): use model.class_transfer=name, or none")
         hint = " (GLDv2 runs have landmark ids: model.class_transfer=landmark_id copies by those)"
         return {**result, "account": f"class weights: initialised fresh; {side} no {what} to match classes by{hint}"}
-    # names match in Unicode NFC and case-folded, as the data check compares them (it refuses two
-    # classes that differ only so): 'Hôtel de Ville' (decomposed) is 'hôtel de ville'
-    match = (lambda key: unicodedata.normalize("NFC", str(key)).casefold()) if by == "name" else (lambda key: key)
+    match = class_name_key if by == "name" else (lambda key: key)
     own = loss_fn.state_dict()
     same_shapes = set(own) == set(source) and all(own[k].shape == source[k].shape for k in own)
     if same_shapes and [match(k) for k in source_keys] == [match(k) for k in target_keys]:
