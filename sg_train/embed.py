@@ -496,10 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _positive_int(args.batch_size, "--batch-size")  # every option before the output folder and the model
         _positive_int(args.chunk_size, "--chunk-size")
-        from sg_train.eval_protocols import get_protocol  # noqa: PLC0415 - torch only once the arguments parse
+        from sg_train.devices import resolve_device  # noqa: PLC0415 - torch only once the arguments parse
+        from sg_train.eval_protocols import get_protocol  # noqa: PLC0415
         from sg_train.model import check_scales  # noqa: PLC0415
-
-        from sg_train.devices import resolve_device  # noqa: PLC0415
 
         get_protocol(args.protocol)
         device = resolve_device(args.device)
